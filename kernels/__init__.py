@@ -1,0 +1,1 @@
+"""Triton kernels of rewardserve, one op per file, each beside its PyTorch reference."""

@@ -1,0 +1,95 @@
+"""Every error leaves the service as `{"error": {"type", "message", "index"?, "field"?}}`."""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from service.api.deps import ClientGone
+from service.errors import Overloaded, ServiceError
+
+log = logging.getLogger(__name__)
+
+
+def field_path(loc: tuple) -> tuple[str, int | None]:
+    """('body', 'items', 3, 'text') -> ('items[3].text', 3)."""
+    parts = [p for p in loc if p != "body"]
+    index = parts[1] if len(parts) > 1 and parts[0] == "items" and isinstance(parts[1], int) else None
+    path = ""
+    for p in parts:
+        if isinstance(p, int):
+            path += f"[{p}]"
+        elif p in ("function-after[_one_form()]",) or str(p).startswith(("function-", "json-or-python")):
+            continue  # pydantic's validator frames, not fields a user wrote
+        else:
+            path += ("." if path else "") + str(p)
+    return path, index
+
+
+def validation_body(exc: RequestValidationError) -> tuple[int, dict]:
+    errors = exc.errors()
+    if any(e.get("type") == "json_invalid" for e in errors):
+        detail = errors[0].get("ctx", {}).get("error", "malformed JSON")
+        return 400, {"error": {"type": "invalid_json", "message": f"request body is not valid JSON: {detail}"}}
+    messages = []
+    index = None
+    field = None
+    for e in errors[:5]:
+        path, idx = field_path(tuple(e.get("loc", ())))
+        msg = str(e.get("msg", "invalid")).removeprefix("Value error, ")
+        messages.append(f"{path}: {msg}" if path else msg)
+        if index is None and idx is not None:
+            index, field = idx, path
+        field = field or path
+    more = f" (and {len(errors) - 5} more)" if len(errors) > 5 else ""
+    body = {"type": "invalid_request", "message": "; ".join(messages) + more}
+    if index is not None:
+        body["index"] = index
+    if field:
+        body["field"] = field
+    return 422, {"error": body}
+
+
+def install(app: FastAPI) -> None:
+    @app.exception_handler(ServiceError)
+    async def _service_error(request: Request, exc: ServiceError) -> JSONResponse:
+        headers = {"Retry-After": str(exc.retry_after)} if isinstance(exc, Overloaded) else None
+        _count(request, exc.type)
+        return JSONResponse(exc.body(), status_code=exc.status, headers=headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        status, body = validation_body(exc)
+        _count(request, body["error"]["type"])
+        return JSONResponse(body, status_code=status)
+
+    @app.exception_handler(ClientGone)
+    async def _client_gone(request: Request, exc: ClientGone) -> JSONResponse:
+        # nobody reads this: 499 (nginx's "client closed request") keeps the access log honest
+        return JSONResponse({"error": {"type": "client_closed", "message": "client went away"}}, status_code=499)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        kind = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        return JSONResponse(
+            {"error": {"type": kind, "message": str(exc.detail)}}, status_code=exc.status_code,
+            headers=getattr(exc, "headers", None),
+        )
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error on %s", request.url.path)
+        _count(request, "internal_error")
+        return JSONResponse(
+            {"error": {"type": "internal_error", "message": f"{type(exc).__name__}: {exc}. This is a bug."}},
+            status_code=500,
+        )
+
+
+def _count(request: Request, kind: str) -> None:
+    state = request.app.state
+    state.metrics.errors.labels(state.settings.model_name, kind).inc()

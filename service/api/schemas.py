@@ -1,0 +1,131 @@
+"""Request and response bodies of the public API.
+
+Inputs are strict (no silent coercion of numbers into strings or floats into token ids) and closed
+(unknown fields are rejected), so a typo surfaces as a 422 naming the field and the item.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, model_validator
+
+Truncation = Literal["left", "right", "error"]
+Priority = Literal["interactive", "bulk"]
+
+
+class Closed(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Message(Closed):
+    role: StrictStr = Field(min_length=1)
+    content: StrictStr
+
+
+class Item(Closed):
+    """One thing to score, in exactly one of four forms."""
+
+    prompt: StrictStr | None = Field(None, description="User turn; requires `response`.")
+    response: StrictStr | None = Field(None, description="Assistant turn scored against `prompt` (may be empty).")
+    messages: list[Message] | None = Field(None, min_length=1, description="A chat, rendered by the chat template.")
+    text: StrictStr | None = Field(None, min_length=1, description="Raw text, tokenised as it is.")
+    input_ids: list[StrictInt] | None = Field(None, min_length=1, description="Token ids, scored as they are.")
+    add_special_tokens: StrictBool | None = Field(
+        None, description="For `text` only: add the tokenizer's special tokens (default true; BOS never doubles)."
+    )
+
+    @model_validator(mode="after")
+    def _one_form(self) -> "Item":
+        forms = [
+            name
+            for name, present in (
+                ("prompt/response", self.prompt is not None or self.response is not None),
+                ("messages", self.messages is not None),
+                ("text", self.text is not None),
+                ("input_ids", self.input_ids is not None),
+            )
+            if present
+        ]
+        if len(forms) != 1:
+            raise ValueError(
+                "an item needs exactly one of prompt+response, messages, text or input_ids"
+                + (f" (got {' and '.join(forms)})" if forms else " (got none)")
+            )
+        if forms[0] == "prompt/response":
+            if self.prompt is None or self.response is None:
+                raise ValueError("prompt and response go together: send both")
+            if not self.prompt:
+                raise ValueError("prompt is empty")
+        if self.add_special_tokens is not None and self.text is None:
+            raise ValueError("add_special_tokens applies to text items only")
+        return self
+
+
+class ScoreRequest(Closed):
+    model: StrictStr | None = Field(None, description="Served model name; optional when one model is served.")
+    items: list[Item] = Field(min_length=1, description="Items to score; rewards come back in this order.")
+    truncation: Truncation | None = Field(None, description="Over-long items: left, right, or error (413).")
+    priority: Priority = Field("interactive", description="interactive batches go before bulk ones.")
+
+
+class ItemResult(BaseModel):
+    reward: float
+    scores: list[float] | None = Field(None, description="Every head's output, when the model has several.")
+    tokens: int
+    truncated: bool
+    cached: bool
+
+
+class Usage(BaseModel):
+    tokens: int
+
+
+class ScoreResponse(BaseModel):
+    model: str
+    rewards: list[float]
+    items: list[ItemResult]
+    usage: Usage
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    source: str
+    architecture: str
+    num_labels: int
+    labels: list[str]
+    max_length: int
+    dtype: str
+    devices: list[str]
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class ErrorDetail(BaseModel):
+    type: str
+    message: str
+    index: int | None = None
+    field: str | None = None
+
+
+class ErrorBody(BaseModel):
+    error: ErrorDetail
+
+
+ERROR_RESPONSES: dict = {
+    code: {"model": ErrorBody, "description": desc}
+    for code, desc in (
+        (400, "Body is not valid JSON."),
+        (404, "Unknown model."),
+        (413, "Too many items, or an item too long with truncation=error."),
+        (422, "Invalid input; `index` names the item."),
+        (429, "Overloaded; retry after the Retry-After header's seconds."),
+        (503, "Not ready, or the batch failed on its device."),
+    )
+}
+
+PositiveInt = Annotated[int, Field(ge=1)]

@@ -1,0 +1,111 @@
+"""The `rewardserve` command.
+
+    rewardserve serve [--model PATH_OR_ID] [--port 8000] [...]   serve over HTTP
+    rewardserve score [INPUT.jsonl|-] [-o OUTPUT.jsonl] [...]     score a JSONL file offline
+
+Every Settings field is a flag here and an RS_* environment variable; flags win over the environment.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+import types
+import typing
+from typing import Any
+
+import orjson
+from pydantic import ValidationError
+
+from service.config import Settings
+
+
+def _is_bool(annotation: Any) -> bool:
+    return annotation is bool or (typing.get_origin(annotation) in (typing.Union, types.UnionType)
+                                  and bool in typing.get_args(annotation))
+
+
+def add_settings_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per Settings field; unspecified flags are absent, so RS_* and defaults apply."""
+    for name, field in Settings.model_fields.items():
+        flag = "--" + name.replace("_", "-")
+        help_text = f"{field.description} [env RS_{name.upper()}, default {field.default!r}]"
+        if _is_bool(field.annotation):
+            parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
+                                help=help_text)
+        else:
+            parser.add_argument(flag, dest=name, default=argparse.SUPPRESS, metavar=name.upper(), help=help_text)
+
+
+def settings_from_args(args: argparse.Namespace, **overrides: Any) -> Settings:
+    values = {k: v for k, v in vars(args).items() if k in Settings.model_fields}
+    values.update(overrides)
+    try:
+        return Settings(**values)
+    except ValidationError as exc:
+        lines = [f"  --{'.'.join(map(str, e['loc'])).replace('_', '-')}: {e['msg']}" for e in exc.errors()]
+        raise SystemExit("invalid settings:\n" + "\n".join(lines)) from None
+
+
+def cmd_serve(args: argparse.Namespace) -> None:
+    import uvicorn
+
+    from service.app import create_app
+
+    settings = settings_from_args(args)
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level,
+                timeout_graceful_shutdown=10)
+
+
+def cmd_score(args: argparse.Namespace) -> None:
+    from service.offline import score_jsonl
+
+    # offline: the whole file is ours, so admission control must not reject our own chunks
+    settings = settings_from_args(args, **({} if "max_queued_tokens" in vars(args) else {"max_queued_tokens": 10**12}))
+    logging.basicConfig(level="WARNING")
+    src = sys.stdin.buffer if args.input == "-" else open(args.input, "rb")
+    dst = sys.stdout.buffer if args.output == "-" else open(args.output, "wb")
+    try:
+        failed = asyncio.run(score_jsonl(settings, src, dst, truncation=args.truncation, progress=not args.quiet))
+    finally:
+        if src is not sys.stdin.buffer:
+            src.close()
+        if dst is not sys.stdout.buffer:
+            dst.close()
+    if failed:
+        print(f"{failed} line(s) could not be scored; see their 'error' field", file=sys.stderr)
+        raise SystemExit(1)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="rewardserve", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="serve a reward model over HTTP")
+    add_settings_flags(serve)
+    serve.set_defaults(func=cmd_serve)
+
+    score = sub.add_parser("score", help="score a JSONL file (or stdin) offline; writes JSONL")
+    score.add_argument("input", nargs="?", default="-", help="JSONL input, one item per line (- for stdin)")
+    score.add_argument("-o", "--output", default="-", help="JSONL output (- for stdout)")
+    score.add_argument("--truncation", choices=["left", "right", "error"], default=None,
+                       help="over-long items (default: the server's default_truncation)")
+    score.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    add_settings_flags(score)
+    score.set_defaults(func=cmd_score)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    args.func(args)
+
+
+if __name__ == "__main__":
+    main()
+
+__all__ = ["main", "build_parser", "settings_from_args", "orjson"]

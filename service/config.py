@@ -1,0 +1,78 @@
+"""The one Settings object of rewardserve.
+
+Every field is an `RS_*` environment variable (``max_batch_tokens`` -> ``RS_MAX_BATCH_TOKENS``) and a
+`rewardserve serve` flag (``--max-batch-tokens``); the CLI builds its flags from this model, so the two
+can never drift apart. Only `cli.py` and `app.py` construct it; everything else receives it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_MODEL_DIR = Path(__file__).parent / "assets" / "default-rm"
+DEFAULT_MODEL_NAME = "rewardserve-default"
+
+Dtype = Literal["auto", "float32", "bfloat16", "float16"]
+Truncation = Literal["left", "right", "error"]
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="RS_", extra="forbid", validate_default=True)
+
+    # --- model -------------------------------------------------------------------------------
+    model: str = Field(
+        str(DEFAULT_MODEL_DIR),
+        description="Local path or Hugging Face hub id of an AutoModelForSequenceClassification checkpoint.",
+    )
+    served_name: str | None = Field(
+        None, description="Name reported by /v1/models and in responses (default: the model path's name)."
+    )
+    dtype: Dtype = Field("auto", description="Weights dtype: auto = bfloat16 on GPU, float32 on CPU.")
+    devices: str = Field("auto", description="'auto' (all visible GPUs, else CPU), 'cpu', or e.g. 'cuda:0,cuda:1'.")
+    max_length: int | None = Field(
+        None, ge=1, description="Longest item in tokens (default: the model's max_position_embeddings)."
+    )
+    default_truncation: Truncation = Field(
+        "error", description="Policy for over-long items when the request does not say: left, right or error (413)."
+    )
+    trust_remote_code: bool = Field(False, description="Allow custom modelling code from the checkpoint.")
+    revision: str | None = Field(None, description="Hub revision, when `model` is a hub id.")
+    cpu_threads: int | None = Field(None, ge=1, description="torch threads for CPU inference (default: all cores).")
+
+    # --- batching ----------------------------------------------------------------------------
+    max_batch_tokens: int = Field(16384, ge=1, description="A batch closes when it holds this many tokens.")
+    max_batch_items: int = Field(256, ge=1, description="A batch closes when it holds this many items.")
+    max_wait_ms: float = Field(2.0, ge=0, description="A batch closes this long after its first item arrived.")
+    max_queued_tokens: int = Field(
+        1_000_000, ge=1, description="Admission control: beyond this many queued tokens requests get 429."
+    )
+    max_items_per_request: int = Field(4096, ge=1, description="Largest items list one request may carry (413).")
+
+    # --- HTTP --------------------------------------------------------------------------------
+    host: str = Field("127.0.0.1", description="Interface to listen on (0.0.0.0 in containers).")
+    port: int = Field(8000, ge=0, le=65535, description="TCP port to listen on.")
+    log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Log level.")
+    warmup: bool = Field(True, description="Run one batch at start-up before /readyz turns ready.")
+
+    @model_validator(mode="after")
+    def _check(self) -> "Settings":
+        if self.max_batch_items > self.max_batch_tokens:
+            raise ValueError("max_batch_items cannot exceed max_batch_tokens (every item has at least one token)")
+        if self.max_length is not None and self.max_length > self.max_batch_tokens:
+            raise ValueError(
+                f"max_length ({self.max_length}) exceeds max_batch_tokens ({self.max_batch_tokens}): "
+                "the longest item must fit in one batch"
+            )
+        return self
+
+    @property
+    def model_name(self) -> str:
+        if self.served_name:
+            return self.served_name
+        if Path(self.model).resolve() == DEFAULT_MODEL_DIR.resolve():
+            return DEFAULT_MODEL_NAME
+        return Path(self.model).name or self.model

@@ -1,0 +1,150 @@
+"""The dynamic batcher: one asyncio task that owns the queue.
+
+A batch closes at `max_batch_tokens` real tokens, `max_batch_items` items, or `max_wait_ms` after its
+oldest item arrived, whichever comes first. It waits for a free worker *before* collecting, so while
+every device is busy the queue keeps filling and the next batch is larger. Interactive items go
+before bulk ones; items of one request may ride in several batches; items whose client went away
+are dropped when they reach the head of the queue, before they cost compute.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from collections import deque
+
+from service.config import Settings
+from service.engine.types import Lane, Ticket, WorkItem
+from service.engine.workers import WorkerPool
+from service.errors import Overloaded, RequestTooLarge
+from service.monitoring.metrics import Metrics
+
+
+class Batcher:
+    def __init__(self, settings: Settings, pool: WorkerPool, metrics: Metrics, model_name: str):
+        self.max_tokens = settings.max_batch_tokens
+        self.max_items = settings.max_batch_items
+        self.max_wait = settings.max_wait_ms / 1000
+        self.max_queued = settings.max_queued_tokens
+        self.pool = pool
+        self.metrics = metrics
+        self.model = model_name
+        self.lanes: tuple[deque[WorkItem], deque[WorkItem]] = (deque(), deque())
+        self.queued_tokens = 0
+        self._arrived = asyncio.Event()
+        self._task: asyncio.Task | None = None
+
+    # -- producer side (request handlers) -------------------------------------------------------
+    def submit(self, seqs: list[list[int]], lane: Lane, ticket: Ticket) -> list[asyncio.Future]:
+        """Queue one request's items, or reject the whole request (nothing is half-admitted)."""
+        tokens = sum(len(s) for s in seqs)
+        if tokens > self.max_queued:
+            raise RequestTooLarge(
+                f"request holds {tokens} tokens, more than the server's queue capacity ({self.max_queued}); split it"
+            )
+        if self.queued_tokens + tokens > self.max_queued:
+            self.metrics.rejected.labels(self.model).inc()
+            raise Overloaded(
+                f"queue is full ({self.queued_tokens} tokens waiting, limit {self.max_queued}); retry later",
+                retry_after=self.retry_after(),
+            )
+        loop = asyncio.get_running_loop()
+        now = time.perf_counter()
+        futures = []
+        queue = self.lanes[lane]
+        for s in seqs:
+            fut = loop.create_future()
+            queue.append(WorkItem(s, lane, ticket, fut, now))
+            futures.append(fut)
+        self.queued_tokens += tokens
+        self._publish_depth()
+        self._arrived.set()
+        return futures
+
+    def retry_after(self) -> int:
+        """Seconds until the current queue has likely drained, from the measured token rate."""
+        rate = self.pool.tokens_per_second
+        if rate <= 0:
+            return 1
+        return max(1, min(60, math.ceil(self.queued_tokens / rate)))
+
+    # -- consumer side (the one task) ---------------------------------------------------------
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._loop(), name="rewardserve-batcher")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+
+    async def _loop(self) -> None:
+        while True:
+            await self._wait_for_items()
+            worker = await self.pool.acquire()
+            batch = await self._collect()
+            if batch:
+                self.pool.dispatch(worker, batch)
+            else:
+                self.pool.release(worker)
+
+    async def _wait_for_items(self) -> None:
+        while not (self.lanes[0] or self.lanes[1]):
+            self._arrived.clear()
+            await self._arrived.wait()
+
+    def _oldest(self) -> WorkItem | None:
+        heads = [q[0] for q in self.lanes if q]
+        return min(heads, key=lambda it: it.enqueued) if heads else None
+
+    async def _collect(self) -> list[WorkItem]:
+        batch: list[WorkItem] = []
+        tokens = 0
+        oldest = self._oldest()
+        deadline = (oldest.enqueued if oldest else time.perf_counter()) + self.max_wait
+        while True:
+            full = self._take(batch, tokens)
+            tokens = sum(it.tokens for it in batch)
+            remaining = deadline - time.perf_counter()
+            if full or remaining <= 0:
+                break
+            self._arrived.clear()
+            try:
+                await asyncio.wait_for(self._arrived.wait(), remaining)
+            except asyncio.TimeoutError:
+                pass
+        # items are counted as queued until their batch leaves; a client may have left meanwhile
+        self.queued_tokens -= tokens
+        live = [it for it in batch if not it.dead]
+        if len(live) < len(batch):
+            self.metrics.dropped_items.labels(self.model).inc(len(batch) - len(live))
+        self._publish_depth()
+        now = time.perf_counter()
+        for it in live:
+            self.metrics.queue_duration.labels(self.model, it.lane.name).observe(now - it.enqueued)
+        return live
+
+    def _take(self, batch: list[WorkItem], tokens: int) -> bool:
+        """Move items from the lanes into `batch`; True when the batch is full."""
+        for queue in self.lanes:
+            while queue:
+                it = queue[0]
+                if it.dead:
+                    queue.popleft()
+                    self.queued_tokens -= it.tokens
+                    self.metrics.dropped_items.labels(self.model).inc()
+                    continue
+                if len(batch) >= self.max_items or (batch and tokens + it.tokens > self.max_tokens):
+                    return True
+                queue.popleft()
+                batch.append(it)
+                tokens += it.tokens
+        return len(batch) >= self.max_items or tokens >= self.max_tokens
+
+    def _publish_depth(self) -> None:
+        for lane in Lane:
+            self.metrics.queue_depth.labels(self.model, lane.name).set(len(self.lanes[lane]))
+        self.metrics.queued_tokens.labels(self.model).set(self.queued_tokens)

@@ -1,0 +1,42 @@
+"""What flows through the engine: items waiting for a batch, and the request they belong to."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+from enum import IntEnum
+
+
+class Lane(IntEnum):
+    """Priority lanes: a batch takes every waiting interactive item before any bulk item."""
+
+    interactive = 0
+    bulk = 1
+
+
+@dataclass(eq=False, slots=True)
+class Ticket:
+    """One request's share of the queue; `cancel()` drops its items that have not started yet."""
+
+    cancelled: bool = False
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+@dataclass(eq=False, slots=True)
+class WorkItem:
+    ids: list[int]
+    lane: Lane
+    ticket: Ticket
+    future: asyncio.Future
+    enqueued: float = field(default_factory=time.perf_counter)
+
+    @property
+    def tokens(self) -> int:
+        return len(self.ids)
+
+    @property
+    def dead(self) -> bool:
+        return self.ticket.cancelled or self.future.done()

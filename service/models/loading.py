@@ -1,0 +1,110 @@
+"""Loading a reward model checkpoint (local path or hub id) onto the devices it will serve from.
+
+The embedded default model is loaded through exactly this code, like any other checkpoint.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+
+from service.config import Settings
+from service.models.hf_backend import HFBackend
+from service.models.tokenize import ItemEncoder
+
+log = logging.getLogger(__name__)
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_devices(spec: str) -> list[torch.device]:
+    """'auto' = every visible GPU, else the CPU; otherwise a comma-separated list."""
+    if spec == "auto":
+        if torch.cuda.is_available() and torch.cuda.device_count() > 0:
+            return [torch.device("cuda", i) for i in range(torch.cuda.device_count())]
+        return [torch.device("cpu")]
+    devices = [torch.device(s.strip()) for s in spec.split(",") if s.strip()]
+    if not devices:
+        raise ValueError(f"no device in devices={spec!r}")
+    for d in devices:
+        if d.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"device {d} requested but CUDA is not available")
+    return devices
+
+
+def resolve_dtype(spec: str, device: torch.device) -> torch.dtype:
+    if spec != "auto":
+        return _DTYPES[spec]
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+def _model_max_positions(config) -> int | None:
+    for name in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+@dataclass
+class LoadedModel:
+    name: str
+    source: str
+    architecture: str
+    num_labels: int
+    labels: list[str]
+    max_length: int
+    dtype: torch.dtype
+    encoder: ItemEncoder
+    backends: list[HFBackend] = field(default_factory=list)
+
+    @property
+    def devices(self) -> list[str]:
+        return [str(b.device) for b in self.backends]
+
+
+def load_model(settings: Settings) -> LoadedModel:
+    source = settings.model
+    local = Path(source).exists()
+    common = {"revision": settings.revision, "trust_remote_code": settings.trust_remote_code}
+    if local:
+        common = {"trust_remote_code": settings.trust_remote_code}
+    config = AutoConfig.from_pretrained(source, **common)
+    archs = list(getattr(config, "architectures", None) or [])
+    if archs and not any(a.endswith(("ForSequenceClassification", "ForRewardModel")) for a in archs):
+        raise ValueError(
+            f"{source} is not a reward model checkpoint (architectures={archs}): loading it for sequence "
+            "classification would attach a randomly initialised score head"
+        )
+    devices = resolve_devices(settings.devices)
+    dtype = resolve_dtype(settings.dtype, devices[0])
+    tokenizer = AutoTokenizer.from_pretrained(source, **common)
+    model = AutoModelForSequenceClassification.from_pretrained(source, dtype=dtype, **common)
+    model.eval()
+
+    limits = [settings.max_batch_tokens]
+    for value in (settings.max_length, _model_max_positions(config)):
+        if value:
+            limits.append(value)
+    max_length = min(limits)
+    vocab = model.get_input_embeddings().num_embeddings
+    encoder = ItemEncoder(tokenizer, max_length=max_length, vocab_size=vocab)
+
+    backends = []
+    for i, device in enumerate(devices):
+        replica = model if i == len(devices) - 1 else copy.deepcopy(model)
+        backends.append(HFBackend(replica.to(device), device, settings.max_batch_tokens))
+    labels = [config.id2label.get(i, f"LABEL_{i}") for i in range(config.num_labels)]
+    log.info("loaded %s (%s, %s) on %s, max_length=%d", source, archs, dtype, devices, max_length)
+    return LoadedModel(
+        name=settings.model_name, source=source, architecture=(archs or [type(model).__name__])[0],
+        num_labels=config.num_labels, labels=labels, max_length=max_length, dtype=dtype, encoder=encoder,
+        backends=backends,
+    )

@@ -1,0 +1,125 @@
+"""Turning request items into the exact token ids the model scores.
+
+Rules (DESIGN.md, "Tokenisation is explicit"):
+- `messages` go through the tokenizer's chat template, rendered to text and encoded without adding
+  special tokens (the template owns BOS), as `apply_chat_template(tokenize=True)` does.
+- `prompt`/`response` are a two-turn chat (user, assistant) when the tokenizer has a template, else the
+  plain concatenation `prompt + response` encoded with special tokens.
+- `text` is encoded with special tokens unless the item says otherwise; `input_ids` are taken as given.
+- No double BOS: if encoding produced BOS twice at the start (text that already began with the BOS
+  string, or a template that renders it while the tokenizer adds it too), one is dropped.
+- Over-long items follow the policy: `right` keeps the head, `left` keeps the tail (and the leading BOS,
+  which decoder reward models expect at position 0), `error` raises 413 naming the item.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Protocol, Sequence
+
+from service.errors import InvalidInput, ItemTooLong
+
+
+class ItemLike(Protocol):
+    prompt: str | None
+    response: str | None
+    messages: list[Any] | None
+    text: str | None
+    input_ids: list[int] | None
+    add_special_tokens: bool | None
+
+
+@dataclass(slots=True)
+class Encoded:
+    ids: list[int]
+    truncated: bool
+    original_length: int
+
+
+class ItemEncoder:
+    """Encodes items for one tokenizer; shared by every worker (tokenizers are thread-safe for encode)."""
+
+    def __init__(self, tokenizer, max_length: int, vocab_size: int):
+        self.tokenizer = tokenizer
+        self.max_length = max_length
+        self.vocab_size = vocab_size
+        self.bos_id = tokenizer.bos_token_id
+        self.has_template = bool(getattr(tokenizer, "chat_template", None))
+
+    # -- rendering ---------------------------------------------------------------------------
+    def render_chat(self, messages: list[dict], index: int) -> str:
+        if not self.has_template:
+            raise InvalidInput(
+                "this model's tokenizer has no chat template: send 'text' or 'input_ids' instead of 'messages'",
+                index=index, field=f"items[{index}].messages",
+            )
+        try:
+            return self.tokenizer.apply_chat_template(messages, tokenize=False)
+        except Exception as exc:  # jinja errors name the template problem; the item is what the user can fix
+            raise InvalidInput(f"chat template failed on this item: {exc}", index=index,
+                               field=f"items[{index}].messages") from exc
+
+    def _text_of(self, item: ItemLike, index: int) -> tuple[str, bool]:
+        """(text, add_special_tokens) for a text-bearing item."""
+        if item.messages is not None:
+            msgs = [m if isinstance(m, dict) else m.model_dump(exclude_none=True) for m in item.messages]
+            return self.render_chat(msgs, index), False
+        if item.prompt is not None:
+            if self.has_template:
+                msgs = [{"role": "user", "content": item.prompt}, {"role": "assistant", "content": item.response}]
+                return self.render_chat(msgs, index), False
+            return item.prompt + item.response, True
+        add = True if item.add_special_tokens is None else item.add_special_tokens
+        return item.text, add
+
+    # -- encoding ----------------------------------------------------------------------------
+    def encode(self, items: Sequence[ItemLike], truncation: str) -> list[Encoded]:
+        """Encode a whole request; texts sharing a special-token setting go through one batch call."""
+        raw: list[list[int] | None] = [None] * len(items)
+        groups: dict[bool, tuple[list[int], list[str]]] = {True: ([], []), False: ([], [])}
+        for i, item in enumerate(items):
+            if item.input_ids is not None:
+                raw[i] = self._check_ids(item.input_ids, i)
+                continue
+            text, add = self._text_of(item, i)
+            groups[add][0].append(i)
+            groups[add][1].append(text)
+        for add, (idx, texts) in groups.items():
+            if not texts:
+                continue
+            enc = self.tokenizer(texts, add_special_tokens=add, return_attention_mask=False)["input_ids"]
+            for i, ids in zip(idx, enc):
+                raw[i] = self._dedupe_bos(ids)
+        return [self._fit(ids, i, truncation) for i, ids in enumerate(raw)]
+
+    def _check_ids(self, ids: list[int], index: int) -> list[int]:
+        for j, t in enumerate(ids):
+            if not 0 <= t < self.vocab_size:
+                raise InvalidInput(
+                    f"input_ids[{j}] = {t} is outside the model's vocabulary [0, {self.vocab_size})",
+                    index=index, field=f"items[{index}].input_ids",
+                )
+        return list(ids)
+
+    def _dedupe_bos(self, ids: list[int]) -> list[int]:
+        if self.bos_id is not None and len(ids) >= 2 and ids[0] == self.bos_id and ids[1] == self.bos_id:
+            return ids[1:]
+        return ids
+
+    def _fit(self, ids: list[int], index: int, truncation: str) -> Encoded:
+        n = len(ids)
+        if n == 0:
+            raise InvalidInput("item encodes to zero tokens", index=index)
+        limit = self.max_length
+        if n <= limit:
+            return Encoded(ids, False, n)
+        if truncation == "error":
+            raise ItemTooLong(
+                f"item has {n} tokens, more than max_length {limit}; send truncation 'left' or 'right' to cut it",
+                index=index,
+            )
+        if truncation == "right":
+            return Encoded(ids[:limit], True, n)
+        if self.bos_id is not None and ids[0] == self.bos_id and limit > 1:
+            return Encoded([ids[0]] + ids[n - limit + 1 :], True, n)
+        return Encoded(ids[n - limit :], True, n)

@@ -1,0 +1,82 @@
+"""Every Prometheus metric of rewardserve, in one place.
+
+Metrics live in a per-app `CollectorRegistry` (not the process-global one) so that several apps can
+run in one process (tests, benchmarks) without clashing. Names carry the `rewardserve_` prefix;
+buckets are explicit: durations geometric, batch sizes and token counts powers of two.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+# 0.5 ms .. ~65 s, factor 2: covers a cache hit through a long bulk batch on CPU.
+DURATION_BUCKETS = tuple(0.0005 * 2**i for i in range(18))
+ITEM_BUCKETS = tuple(float(2**i) for i in range(13))  # 1 .. 4096 items
+TOKEN_BUCKETS = tuple(float(2**i) for i in range(4, 21))  # 16 .. 1M tokens
+
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry | None = None):
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(
+            "rewardserve_requests", "HTTP requests by endpoint and status code.", ["model", "endpoint", "status"],
+            registry=r,
+        )
+        self.request_duration = Histogram(
+            "rewardserve_request_duration_seconds", "Wall time of a request, arrival to response.",
+            ["model", "endpoint"], buckets=DURATION_BUCKETS, registry=r,
+        )
+        self.tokenize_duration = Histogram(
+            "rewardserve_tokenize_duration_seconds", "Time spent tokenising one request.", ["model"],
+            buckets=DURATION_BUCKETS, registry=r,
+        )
+        self.queue_duration = Histogram(
+            "rewardserve_queue_duration_seconds", "Time an item waited in the queue before its batch started.",
+            ["model", "lane"], buckets=DURATION_BUCKETS, registry=r,
+        )
+        self.inference_duration = Histogram(
+            "rewardserve_inference_duration_seconds", "Model time of one batch on its device.", ["model", "device"],
+            buckets=DURATION_BUCKETS, registry=r,
+        )
+        self.batch_items = Histogram(
+            "rewardserve_batch_items", "Items per batch.", ["model"], buckets=ITEM_BUCKETS, registry=r,
+        )
+        self.batch_tokens = Histogram(
+            "rewardserve_batch_tokens", "Real (unpadded) tokens per batch.", ["model"], buckets=TOKEN_BUCKETS,
+            registry=r,
+        )
+        self.padding_fraction = Histogram(
+            "rewardserve_batch_padding_fraction", "Share of computed positions that were padding, per batch.",
+            ["model"], buckets=(0.0, 0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 0.9, 1.0), registry=r,
+        )
+        self.queue_depth = Gauge(
+            "rewardserve_queue_depth", "Items waiting in the queue.", ["model", "lane"], registry=r,
+        )
+        self.queued_tokens = Gauge(
+            "rewardserve_queued_tokens", "Tokens waiting in the queue.", ["model"], registry=r,
+        )
+        self.tokens = Counter(
+            "rewardserve_tokens", "Tokens scored (computed, not served from cache).", ["model"], registry=r,
+        )
+        self.items = Counter(
+            "rewardserve_items", "Items scored.", ["model"], registry=r,
+        )
+        self.dropped_items = Counter(
+            "rewardserve_dropped_items", "Items dropped before compute because their client went away.", ["model"],
+            registry=r,
+        )
+        self.errors = Counter(
+            "rewardserve_errors", "Error responses by type.", ["model", "type"], registry=r,
+        )
+        self.rejected = Counter(
+            "rewardserve_rejected_requests", "Requests rejected by admission control (429).", ["model"],
+            registry=r,
+        )
+        self.ready = Gauge("rewardserve_ready", "1 once the model is loaded and warmed up.", ["model"], registry=r)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,68 @@
+"""Run the real app under uvicorn on a free loopback port, in a background thread."""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import threading
+import time
+from typing import Iterator
+
+import httpx
+import uvicorn
+
+from service.app import create_app
+from service.config import Settings
+
+
+class RunningServer:
+    def __init__(self, url: str, app):
+        self.url = url
+        self.app = app
+
+    @property
+    def engine(self):
+        return self.app.state.engine
+
+    def client(self, **kw) -> httpx.Client:
+        return httpx.Client(base_url=self.url, timeout=kw.pop("timeout", 60), **kw)
+
+    def async_client(self, **kw) -> httpx.AsyncClient:
+        return httpx.AsyncClient(base_url=self.url, timeout=kw.pop("timeout", 60), **kw)
+
+    def metric(self, name: str, **labels) -> float:
+        """Current value of one sample from /metrics (0 when absent)."""
+        return self.app.state.metrics.registry.get_sample_value(name, labels) or 0.0
+
+
+@contextlib.contextmanager
+def serve(settings: Settings, wait_ready: bool = True, ready_timeout: float = 120) -> Iterator[RunningServer]:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    app = create_app(settings)
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{port}"
+    running = RunningServer(url, app)
+    try:
+        deadline = time.monotonic() + ready_timeout
+        path = "/readyz" if wait_ready else "/healthz"
+        while True:
+            try:
+                if httpx.get(url + path, timeout=5).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if app.state.engine.load_error is not None and wait_ready:
+                raise RuntimeError(f"server failed to load: {app.state.engine.load_error!r}")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"server at {url} not ready after {ready_timeout}s")
+            time.sleep(0.05)
+        yield running
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+        sock.close()
