@@ -60,8 +60,6 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _check(self) -> "Settings":
-        if self.max_batch_items > self.max_batch_tokens:
-            raise ValueError("max_batch_items cannot exceed max_batch_tokens (every item has at least one token)")
         if self.max_length is not None and self.max_length > self.max_batch_tokens:
             raise ValueError(
                 f"max_length ({self.max_length}) exceeds max_batch_tokens ({self.max_batch_tokens}): "

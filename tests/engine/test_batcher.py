@@ -1,0 +1,213 @@
+"""The dynamic batcher: shared batches, token budgets, lanes, admission control, disconnects."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import httpx
+import pytest
+import torch
+
+from service.config import Settings
+from service.engine.batcher import Batcher
+from service.engine.types import Lane, Ticket
+from service.engine.workers import WorkerPool
+from service.errors import BackendError, Overloaded, RequestTooLarge
+from service.models.hf_backend import HFBackend
+from service.models.loading import load_model
+from service.monitoring.metrics import Metrics
+from tests.server import serve
+
+
+@pytest.fixture(scope="module")
+def ckpt(tiny_ckpt):
+    return tiny_ckpt("llama")
+
+
+def _batches(server) -> tuple[float, float]:
+    name = server.engine.name
+    return (server.metric("rewardserve_batch_items_count", model=name),
+            server.metric("rewardserve_batch_items_sum", model=name))
+
+
+def test_two_concurrent_requests_share_one_batch(ckpt):
+    with serve(Settings(model=str(ckpt), max_wait_ms=300)) as s:
+        before = _batches(s)
+
+        async def both():
+            async with s.async_client() as c:
+                return await asyncio.gather(c.post("/v1/score", json={"items": [{"text": "first request"}]}),
+                                            c.post("/v1/score", json={"items": [{"text": "second one"}]}))
+
+        r1, r2 = asyncio.run(both())
+        assert r1.status_code == r2.status_code == 200
+        after = _batches(s)
+        assert after[0] - before[0] == 1 and after[1] - before[1] == 2
+
+
+def test_items_of_one_request_ride_in_several_batches_with_unchanged_scores(ckpt):
+    items = [{"text": f"item number {i} " * (i + 1)} for i in range(5)]
+    with serve(Settings(model=str(ckpt), max_wait_ms=1, max_batch_items=2)) as s, s.client() as c:
+        before = _batches(s)
+        split = c.post("/v1/score", json={"items": items}).json()["rewards"]
+        after = _batches(s)
+        assert after[0] - before[0] == 3 and after[1] - before[1] == 5
+        alone = [c.post("/v1/score", json={"items": [it]}).json()["rewards"][0] for it in items]
+    assert max(abs(a - b) for a, b in zip(split, alone)) <= 1e-5
+
+
+def test_token_budget_closes_a_batch(ckpt):
+    with serve(Settings(model=str(ckpt), max_wait_ms=200, max_batch_tokens=64, max_length=64)) as s, s.client() as c:
+        before = _batches(s)
+        r = c.post("/v1/score", json={"items": [{"input_ids": [5] * 40}, {"input_ids": [6] * 40}]})
+        assert r.status_code == 200
+        assert _batches(s)[0] - before[0] == 2  # 80 tokens do not fit one 64-token batch
+
+
+def test_overload_gets_429_with_retry_after_and_nothing_is_lost(ckpt):
+    with serve(Settings(model=str(ckpt), max_wait_ms=1500, max_queued_tokens=40, max_length=40)) as s:
+        results = {}
+
+        def first():
+            with s.client() as c:
+                results["a"] = c.post("/v1/score", json={"items": [{"input_ids": [5] * 30}]})
+
+        t = threading.Thread(target=first)
+        t.start()
+        while s.metric("rewardserve_queued_tokens", model=s.engine.name) < 30:
+            pass
+        with s.client() as c:
+            r = c.post("/v1/score", json={"items": [{"input_ids": [6] * 30}]})
+            assert r.status_code == 429
+            assert int(r.headers["Retry-After"]) >= 1
+            assert r.json()["error"]["type"] == "overloaded"
+            big = c.post("/v1/score", json={"items": [{"input_ids": [6] * 30}, {"input_ids": [7] * 30}]})
+            assert big.status_code == 413 and big.json()["error"]["type"] == "request_too_large"
+        t.join()
+        assert results["a"].status_code == 200  # the admitted request is served
+        assert s.metric("rewardserve_rejected_requests_total", model=s.engine.name) == 1
+
+
+def test_requests_whose_client_left_are_dropped_before_compute(ckpt):
+    with serve(Settings(model=str(ckpt), max_wait_ms=2000)) as s:
+        name = s.engine.name
+        tokens_before = s.metric("rewardserve_tokens_total", model=name)
+        with s.client(timeout=0.3) as c, pytest.raises(httpx.ReadTimeout):
+            c.post("/v1/score", json={"items": [{"text": "nobody will read this"}] * 3})
+        for _ in range(100):
+            if s.metric("rewardserve_dropped_items_total", model=name) == 3:
+                break
+            threading.Event().wait(0.05)
+        assert s.metric("rewardserve_dropped_items_total", model=name) == 3
+        assert s.metric("rewardserve_tokens_total", model=name) == tokens_before
+
+
+def test_healthz_answers_while_a_batch_runs(ckpt):
+    with serve(Settings(model=str(ckpt), max_wait_ms=1, max_batch_tokens=65536, max_batch_items=256)) as s:
+        done = threading.Event()
+        health_during = []
+
+        def big():
+            with s.client() as c:
+                c.post("/v1/score", json={"items": [{"input_ids": [5 + i % 50] * 500} for i in range(128)]})
+            done.set()
+
+        t = threading.Thread(target=big)
+        t.start()
+        with s.client() as c:
+            while not done.is_set():
+                if c.get("/healthz").status_code == 200 and not done.is_set():
+                    health_during.append(True)
+        t.join()
+        assert health_during, "no /healthz answer came back while the batch was running"
+
+
+# --- the batcher and worker pool driven directly ---------------------------------------------------
+
+@pytest.fixture(scope="module")
+def loaded(ckpt):
+    return load_model(Settings(model=str(ckpt), warmup=False))
+
+
+def test_interactive_lane_goes_before_bulk(loaded):
+    async def run():
+        metrics = Metrics()
+        pool = WorkerPool(loaded.backends, metrics, "m")
+        batcher = Batcher(Settings(max_batch_items=2, max_wait_ms=0), pool, metrics, "m")
+        held = await pool.acquire()  # the device is busy: both lanes fill up
+        batcher.start()
+        order = []
+        bulk = batcher.submit([[5, 6], [7, 8]], Lane.bulk, Ticket())
+        inter = batcher.submit([[9, 10], [11, 12]], Lane.interactive, Ticket())
+        for tag, futs in (("bulk", bulk), ("interactive", inter)):
+            for f in futs:
+                f.add_done_callback(lambda _, tag=tag: order.append(tag))
+        pool.release(held)
+        await asyncio.gather(*bulk, *inter)
+        await batcher.stop()
+        return order
+
+    assert asyncio.run(run()) == ["interactive", "interactive", "bulk", "bulk"]
+
+
+class _PoisonedBackend(HFBackend):
+    """Fault injection: a batch holding token 13 fails on the device."""
+
+    def score(self, batch):
+        if any(13 in ids for ids in batch):
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+        return super().score(batch)
+
+
+def test_a_failed_batch_fails_only_its_own_items(loaded):
+    async def run():
+        metrics = Metrics()
+        b = loaded.backends[0]
+        pool = WorkerPool([_PoisonedBackend(b.model, b.device, b.max_batch_tokens)], metrics, "m")
+        batcher = Batcher(Settings(max_batch_items=1, max_wait_ms=0), pool, metrics, "m")
+        batcher.start()
+        ok, bad = batcher.submit([[5, 6]], Lane.interactive, Ticket()), batcher.submit([[13]], Lane.bulk, Ticket())
+        later = batcher.submit([[7, 8]], Lane.bulk, Ticket())
+        res = await asyncio.gather(*ok, *bad, *later, return_exceptions=True)
+        await batcher.stop()
+        return res
+
+    good, failed, after = asyncio.run(run())
+    assert isinstance(good, list) and isinstance(after, list)
+    assert isinstance(failed, BackendError) and "illegal memory access" in failed.message and failed.status == 503
+
+
+def test_non_finite_scores_are_errors_not_numbers(tiny_ckpt):
+    loaded = load_model(Settings(model=str(tiny_ckpt("llama", seed=3)), warmup=False))
+    with torch.no_grad():
+        loaded.backends[0].model.get_input_embeddings().weight[13] = float("nan")
+
+    async def run():
+        metrics = Metrics()
+        pool = WorkerPool(loaded.backends, metrics, "m")
+        batcher = Batcher(Settings(max_wait_ms=50), pool, metrics, "m")
+        batcher.start()
+        futs = batcher.submit([[5, 6], [5, 13, 6], [7]], Lane.interactive, Ticket())
+        res = await asyncio.gather(*futs, return_exceptions=True)
+        await batcher.stop()
+        return res
+
+    a, b, c = asyncio.run(run())
+    assert isinstance(b, BackendError) and "non-finite" in b.message
+    assert all(map(lambda v: v == v, a + c))  # the neighbours in the same batch are unaffected
+
+
+def test_admission_rejects_whole_requests(loaded):
+    async def run():
+        metrics = Metrics()
+        pool = WorkerPool(loaded.backends, metrics, "m")
+        batcher = Batcher(Settings(max_queued_tokens=10, max_batch_items=1, max_batch_tokens=10), pool, metrics, "m")
+        with pytest.raises(RequestTooLarge):
+            batcher.submit([[1] * 6, [1] * 6], Lane.bulk, Ticket())
+        batcher.submit([[1] * 6], Lane.bulk, Ticket())
+        with pytest.raises(Overloaded) as err:
+            batcher.submit([[1] * 5], Lane.bulk, Ticket())
+        assert err.value.retry_after >= 1 and batcher.queued_tokens == 6
+
+    asyncio.run(run())

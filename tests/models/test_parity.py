@@ -1,0 +1,89 @@
+"""Scores are the model's scores: our batched path equals AutoModelForSequenceClassification run on
+each item alone (fp32, max abs difference <= 1e-4), whatever the batch, the tokenizer's padding side,
+the presence of a pad token, or the architecture."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+from transformers import AutoModelForSequenceClassification
+
+from service.config import Settings
+from service.models.loading import load_model
+from tests.factories import ARCHS
+
+TOL = 1e-4
+
+
+def _hf_alone(model, seqs: list[list[int]]) -> torch.Tensor:
+    with torch.inference_mode():
+        return torch.cat([model(input_ids=torch.tensor([s])).logits.float() for s in seqs])
+
+
+def _random_seqs(vocab: int, lengths: list[int], seed: int, avoid: set[int]) -> list[list[int]]:
+    rng = random.Random(seed)
+    ids = [t for t in range(vocab) if t not in avoid]
+    return [[rng.choice(ids) for _ in range(n)] for n in lengths]
+
+
+LENGTHS = [1, 2, 7, 33, 64, 100, 151, 299, 300, 5, 48, 17]
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("pad_token", [True, False], ids=["pad", "nopad"])
+@pytest.mark.parametrize("padding_side", ["right", "left"])
+def test_batched_scores_equal_hf_alone(tiny_ckpt, arch, pad_token, padding_side):
+    path = tiny_ckpt(arch, pad_token=pad_token, padding_side=padding_side)
+    loaded = load_model(Settings(model=str(path), warmup=False))
+    backend = loaded.backends[0]
+    hf = AutoModelForSequenceClassification.from_pretrained(path).eval()
+    pad_id = hf.config.pad_token_id
+    seqs = _random_seqs(loaded.encoder.vocab_size, LENGTHS, seed=len(arch), avoid={pad_id} if pad_id is not None else set())
+    ref = _hf_alone(hf, seqs)
+    assert ref.std() > 1e-3, "rewards should vary between inputs for this test to mean anything"
+
+    mixed = backend.score(seqs).scores
+    assert (mixed - ref).abs().max().item() <= TOL
+
+    # batch invariance: the same item in other company (reversed, a subset, alone) gets the same reward
+    rev = backend.score(seqs[::-1]).scores.flip(0)
+    sub = backend.score(seqs[3:7]).scores
+    assert (rev - mixed).abs().max().item() <= 1e-5
+    assert (sub - mixed[3:7]).abs().max().item() <= 1e-5
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_trailing_pad_tokens_pool_where_hf_pools(tiny_ckpt, arch):
+    """An item that itself ends in pad ids is pooled at its last non-pad token, as HF does alone."""
+    path = tiny_ckpt(arch, pad_token=True)
+    loaded = load_model(Settings(model=str(path), warmup=False))
+    hf = AutoModelForSequenceClassification.from_pretrained(path).eval()
+    pad = hf.config.pad_token_id
+    seqs = [[5, 6, 7, pad, pad], [8, 9, 10, 11, 12, 13, 14], [pad, 20, 21]]
+    ref = _hf_alone(hf, seqs)
+    ours = loaded.backends[0].score(seqs).scores
+    assert (ours - ref).abs().max().item() <= TOL
+
+
+@pytest.mark.parametrize("arch", ["qwen3", "gemma2"])
+def test_multi_head_models_return_every_head(tiny_ckpt, arch):
+    path = tiny_ckpt(arch, num_labels=3)
+    loaded = load_model(Settings(model=str(path), warmup=False))
+    hf = AutoModelForSequenceClassification.from_pretrained(path).eval()
+    seqs = _random_seqs(loaded.encoder.vocab_size, [3, 40, 90], seed=1, avoid={hf.config.pad_token_id})
+    ours = loaded.backends[0].score(seqs).scores
+    assert ours.shape == (3, 3)
+    assert (ours - _hf_alone(hf, seqs)).abs().max().item() <= TOL
+
+
+def test_small_batch_token_budget_splits_into_micro_batches_without_changing_scores(tiny_ckpt):
+    path = tiny_ckpt("mistral")
+    loaded = load_model(Settings(model=str(path), warmup=False, max_batch_tokens=320, max_batch_items=8))
+    backend = loaded.backends[0]
+    hf = AutoModelForSequenceClassification.from_pretrained(path).eval()
+    seqs = _random_seqs(loaded.encoder.vocab_size, [300, 10, 200, 50, 299, 3], seed=2, avoid={hf.config.pad_token_id})
+    out = backend.score(seqs)
+    assert out.computed_positions <= sum(300 for _ in seqs)  # sorted micro-batches, never one 6x300 block
+    assert (out.scores - _hf_alone(hf, seqs)).abs().max().item() <= TOL
