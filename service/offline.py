@@ -55,7 +55,7 @@ async def _score_chunk(engine: Engine, items: list[Item], truncation: str) -> li
             if exc.index is None:
                 raise
             bad = pending.pop(exc.index)
-            results[bad] = {"error": exc.body()["error"]}
+            results[bad] = {"error": {"type": exc.type, "message": exc.message}}  # the line is the index
             continue
         multi = engine.model.num_labels > 1
         for i, s in zip(pending, scored):

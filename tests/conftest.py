@@ -33,3 +33,7 @@ def tiny_ckpt(tmp_path_factory):
         return cache[key]
 
     return make
+
+# Nothing may be fetched from a model hub during tests: a hub id must fail fast, not wait on the network.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")

@@ -72,11 +72,16 @@ class LoadedModel:
 
 def load_model(settings: Settings) -> LoadedModel:
     source = settings.model
-    local = Path(source).exists()
-    common = {"revision": settings.revision, "trust_remote_code": settings.trust_remote_code}
-    if local:
-        common = {"trust_remote_code": settings.trust_remote_code}
-    config = AutoConfig.from_pretrained(source, **common)
+    common: dict = {"trust_remote_code": settings.trust_remote_code}
+    if settings.revision and not Path(source).exists():
+        common["revision"] = settings.revision
+    if settings.cpu_threads:
+        torch.set_num_threads(settings.cpu_threads)
+    try:
+        config = AutoConfig.from_pretrained(source, **common)
+    except OSError as exc:  # HF's message names neither the model nor whether it looked locally
+        where = "local directory" if Path(source).exists() else "hub id (no such local path)"
+        raise OSError(f"cannot load model {source!r} as a {where}: {exc}") from exc
     archs = list(getattr(config, "architectures", None) or [])
     if archs and not any(a.endswith(("ForSequenceClassification", "ForRewardModel")) for a in archs):
         raise ValueError(
