@@ -52,6 +52,18 @@ class Settings(BaseSettings):
     )
     max_items_per_request: int = Field(4096, ge=1, description="Largest items list one request may carry (413).")
 
+    # --- score cache -------------------------------------------------------------------------
+    lru_items: int = Field(100_000, ge=0, description="In-process LRU cache size in items (0 disables it).")
+    redis_url: str | None = Field(
+        None, description="Redis for the shared cache tier, e.g. redis://host:6379/0 or rediss:// for TLS (off if unset)."
+    )
+    redis_password: str | None = Field(None, description="Redis password, if not in the URL (keep it out of argv).")
+    cache_ttl: int = Field(7 * 24 * 3600, ge=1, description="Seconds a score lives in Redis.")
+    cache_timeout_ms: float = Field(5.0, gt=0, description="Deadline of one Redis call; slower means a miss.")
+    cache_prefix: str = Field("rs:", description="Prefix of every Redis key.")
+    cache_breaker_failures: int = Field(3, ge=1, description="Consecutive Redis failures that open the breaker.")
+    cache_breaker_cooldown_s: float = Field(2.0, gt=0, description="Seconds before an open breaker probes Redis.")
+
     # --- HTTP --------------------------------------------------------------------------------
     host: str = Field("127.0.0.1", description="Interface to listen on (0.0.0.0 in containers).")
     port: int = Field(8000, ge=0, le=65535, description="TCP port to listen on.")

@@ -67,6 +67,7 @@ class ScoreRequest(Closed):
     items: list[Item] = Field(min_length=1, description="Items to score; rewards come back in this order.")
     truncation: Truncation | None = Field(None, description="Over-long items: left, right, or error (413).")
     priority: Priority = Field("interactive", description="interactive batches go before bulk ones.")
+    cache: StrictBool = Field(True, description="false: neither read nor write the score cache for this request.")
 
 
 class ItemResult(BaseModel):

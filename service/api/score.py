@@ -25,7 +25,8 @@ async def score(body: ScoreRequest, request: Request, response: Response, engine
     truncation = body.truncation or engine.settings.default_truncation
     scored = await unless_disconnected(
         request,
-        engine.score_items(body.items, truncation=truncation, lane=Lane[body.priority], ticket=Ticket()),
+        engine.score_items(body.items, truncation=truncation, lane=Lane[body.priority], ticket=Ticket(),
+                           use_cache=body.cache),
     )
     multi = engine.model.num_labels > 1
     items = [

@@ -36,7 +36,7 @@ class Batcher:
         self._task: asyncio.Task | None = None
 
     # -- producer side (request handlers) -------------------------------------------------------
-    def submit(self, seqs: list[list[int]], lane: Lane, ticket: Ticket) -> list[asyncio.Future]:
+    def submit(self, seqs: list[list[int]], lane: Lane, ticket: Ticket) -> list[WorkItem]:
         """Queue one request's items, or reject the whole request (nothing is half-admitted)."""
         tokens = sum(len(s) for s in seqs)
         if tokens > self.max_queued:
@@ -51,16 +51,12 @@ class Batcher:
             )
         loop = asyncio.get_running_loop()
         now = time.perf_counter()
-        futures = []
-        queue = self.lanes[lane]
-        for s in seqs:
-            fut = loop.create_future()
-            queue.append(WorkItem(s, lane, ticket, fut, now))
-            futures.append(fut)
+        items = [WorkItem(s, lane, [ticket], loop.create_future(), now) for s in seqs]
+        self.lanes[lane].extend(items)
         self.queued_tokens += tokens
         self._publish_depth()
         self._arrived.set()
-        return futures
+        return items
 
     def retry_after(self) -> int:
         """Seconds until the current queue has likely drained, from the measured token rate."""
@@ -118,9 +114,12 @@ class Batcher:
                 pass
         # items are counted as queued until their batch leaves; a client may have left meanwhile
         self.queued_tokens -= tokens
-        live = [it for it in batch if not it.dead]
-        if len(live) < len(batch):
-            self.metrics.dropped_items.labels(self.model).inc(len(batch) - len(live))
+        live = []
+        for it in batch:
+            if it.dead:
+                self._drop(it)
+            else:
+                live.append(it)
         self._publish_depth()
         now = time.perf_counter()
         for it in live:
@@ -135,7 +134,7 @@ class Batcher:
                 if it.dead:
                     queue.popleft()
                     self.queued_tokens -= it.tokens
-                    self.metrics.dropped_items.labels(self.model).inc()
+                    self._drop(it)
                     continue
                 if len(batch) >= self.max_items or (batch and tokens + it.tokens > self.max_tokens):
                     return True
@@ -143,6 +142,11 @@ class Batcher:
                 batch.append(it)
                 tokens += it.tokens
         return len(batch) >= self.max_items or tokens >= self.max_tokens
+
+    def _drop(self, it: WorkItem) -> None:
+        if not it.future.done():  # nobody waits for it any more; resolve it so nothing can hang
+            self.metrics.dropped_items.labels(self.model).inc()
+            it.future.cancel()
 
     def _publish_depth(self) -> None:
         for lane in Lane:

@@ -29,7 +29,7 @@ class Ticket:
 class WorkItem:
     ids: list[int]
     lane: Lane
-    ticket: Ticket
+    tickets: list[Ticket]  # every request waiting for this item (single-flight adds to it)
     future: asyncio.Future
     enqueued: float = field(default_factory=time.perf_counter)
 
@@ -39,4 +39,4 @@ class WorkItem:
 
     @property
     def dead(self) -> bool:
-        return self.ticket.cancelled or self.future.done()
+        return self.future.done() or all(t.cancelled for t in self.tickets)

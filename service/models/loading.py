@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+from transformers.utils import cached_file
 
 from service.config import Settings
 from service.models.hf_backend import HFBackend
@@ -57,6 +58,7 @@ def _model_max_positions(config) -> int | None:
 class LoadedModel:
     name: str
     source: str
+    model_dir: Path  # where the checkpoint's files are (the hub cache snapshot for a hub id)
     architecture: str
     num_labels: int
     labels: list[str]
@@ -106,10 +108,11 @@ def load_model(settings: Settings) -> LoadedModel:
     for i, device in enumerate(devices):
         replica = model if i == len(devices) - 1 else copy.deepcopy(model)
         backends.append(HFBackend(replica.to(device), device, settings.max_batch_tokens))
+    model_dir = Path(source) if Path(source).is_dir() else Path(cached_file(source, "config.json", **common)).parent
     labels = [config.id2label.get(i, f"LABEL_{i}") for i in range(config.num_labels)]
     log.info("loaded %s (%s, %s) on %s, max_length=%d", source, archs, dtype, devices, max_length)
     return LoadedModel(
-        name=settings.model_name, source=source, architecture=(archs or [type(model).__name__])[0],
+        name=settings.model_name, source=source, model_dir=model_dir, architecture=(archs or [type(model).__name__])[0],
         num_labels=config.num_labels, labels=labels, max_length=max_length, dtype=dtype, encoder=encoder,
         backends=backends,
     )

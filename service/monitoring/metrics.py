@@ -12,6 +12,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 # 0.5 ms .. ~65 s, factor 2: covers a cache hit through a long bulk batch on CPU.
 DURATION_BUCKETS = tuple(0.0005 * 2**i for i in range(18))
+CACHE_BUCKETS = tuple(0.00002 * 2**i for i in range(16))  # 20 us .. ~0.65 s
 ITEM_BUCKETS = tuple(float(2**i) for i in range(13))  # 1 .. 4096 items
 TOKEN_BUCKETS = tuple(float(2**i) for i in range(4, 21))  # 16 .. 1M tokens
 
@@ -75,6 +76,29 @@ class Metrics:
         self.rejected = Counter(
             "rewardserve_rejected_requests", "Requests rejected by admission control (429).", ["model"],
             registry=r,
+        )
+        self.cache_hits = Counter(
+            "rewardserve_cache_hits", "Items served from a cache tier.", ["model", "tier"], registry=r,
+        )
+        self.cache_misses = Counter(
+            "rewardserve_cache_misses", "Items looked up in a cache tier and not found.", ["model", "tier"],
+            registry=r,
+        )
+        self.cache_errors = Counter(
+            "rewardserve_cache_errors", "Redis calls that failed (each one a miss, never a failed request).",
+            ["model", "kind"], registry=r,
+        )
+        self.cache_breaker_state = Gauge(
+            "rewardserve_cache_breaker_state", "Redis circuit breaker: 0 closed, 1 half-open (probing), 2 open.",
+            ["model"], registry=r,
+        )
+        self.cache_duration = Histogram(
+            "rewardserve_cache_duration_seconds", "Latency of one cache tier operation for a whole request.",
+            ["model", "tier", "op"], buckets=CACHE_BUCKETS, registry=r,
+        )
+        self.singleflight_shared = Counter(
+            "rewardserve_singleflight_shared_items", "Items that joined an identical item already being computed.",
+            ["model"], registry=r,
         )
         self.ready = Gauge("rewardserve_ready", "1 once the model is loaded and warmed up.", ["model"], registry=r)
 

@@ -50,10 +50,10 @@ def test_items_of_one_request_ride_in_several_batches_with_unchanged_scores(ckpt
     items = [{"text": f"item number {i} " * (i + 1)} for i in range(5)]
     with serve(Settings(model=str(ckpt), max_wait_ms=1, max_batch_items=2)) as s, s.client() as c:
         before = _batches(s)
-        split = c.post("/v1/score", json={"items": items}).json()["rewards"]
+        split = c.post("/v1/score", json={"items": items, "cache": False}).json()["rewards"]
         after = _batches(s)
         assert after[0] - before[0] == 3 and after[1] - before[1] == 5
-        alone = [c.post("/v1/score", json={"items": [it]}).json()["rewards"][0] for it in items]
+        alone = [c.post("/v1/score", json={"items": [it], "cache": False}).json()["rewards"][0] for it in items]
     assert max(abs(a - b) for a, b in zip(split, alone)) <= 1e-5
 
 
@@ -94,7 +94,7 @@ def test_requests_whose_client_left_are_dropped_before_compute(ckpt):
         name = s.engine.name
         tokens_before = s.metric("rewardserve_tokens_total", model=name)
         with s.client(timeout=0.3) as c, pytest.raises(httpx.ReadTimeout):
-            c.post("/v1/score", json={"items": [{"text": "nobody will read this"}] * 3})
+            c.post("/v1/score", json={"items": [{"text": f"nobody will read this {i}"} for i in range(3)]})
         for _ in range(100):
             if s.metric("rewardserve_dropped_items_total", model=name) == 3:
                 break
@@ -125,6 +125,10 @@ def test_healthz_answers_while_a_batch_runs(ckpt):
 
 # --- the batcher and worker pool driven directly ---------------------------------------------------
 
+def _futures(items):
+    return [it.future for it in items]
+
+
 @pytest.fixture(scope="module")
 def loaded(ckpt):
     return load_model(Settings(model=str(ckpt), warmup=False))
@@ -138,8 +142,8 @@ def test_interactive_lane_goes_before_bulk(loaded):
         held = await pool.acquire()  # the device is busy: both lanes fill up
         batcher.start()
         order = []
-        bulk = batcher.submit([[5, 6], [7, 8]], Lane.bulk, Ticket())
-        inter = batcher.submit([[9, 10], [11, 12]], Lane.interactive, Ticket())
+        bulk = _futures(batcher.submit([[5, 6], [7, 8]], Lane.bulk, Ticket()))
+        inter = _futures(batcher.submit([[9, 10], [11, 12]], Lane.interactive, Ticket()))
         for tag, futs in (("bulk", bulk), ("interactive", inter)):
             for f in futs:
                 f.add_done_callback(lambda _, tag=tag: order.append(tag))
@@ -167,8 +171,9 @@ def test_a_failed_batch_fails_only_its_own_items(loaded):
         pool = WorkerPool([_PoisonedBackend(b.model, b.device, b.max_batch_tokens)], metrics, "m")
         batcher = Batcher(Settings(max_batch_items=1, max_wait_ms=0), pool, metrics, "m")
         batcher.start()
-        ok, bad = batcher.submit([[5, 6]], Lane.interactive, Ticket()), batcher.submit([[13]], Lane.bulk, Ticket())
-        later = batcher.submit([[7, 8]], Lane.bulk, Ticket())
+        ok = _futures(batcher.submit([[5, 6]], Lane.interactive, Ticket()))
+        bad = _futures(batcher.submit([[13]], Lane.bulk, Ticket()))
+        later = _futures(batcher.submit([[7, 8]], Lane.bulk, Ticket()))
         res = await asyncio.gather(*ok, *bad, *later, return_exceptions=True)
         await batcher.stop()
         return res
@@ -188,7 +193,7 @@ def test_non_finite_scores_are_errors_not_numbers(tiny_ckpt):
         pool = WorkerPool(loaded.backends, metrics, "m")
         batcher = Batcher(Settings(max_wait_ms=50), pool, metrics, "m")
         batcher.start()
-        futs = batcher.submit([[5, 6], [5, 13, 6], [7]], Lane.interactive, Ticket())
+        futs = _futures(batcher.submit([[5, 6], [5, 13, 6], [7]], Lane.interactive, Ticket()))
         res = await asyncio.gather(*futs, return_exceptions=True)
         await batcher.stop()
         return res
