@@ -80,6 +80,14 @@ def cmd_score(args: argparse.Namespace) -> None:
         raise SystemExit(1)
 
 
+def cmd_bench_cache(args: argparse.Namespace) -> None:
+    from service.bench.cache import run
+
+    tiers = [t.strip() for t in args.tiers.split(",") if t.strip()]
+    result = run(args.model, tiers, args.duration, args.concurrency, args.items_per_request, args.redis_url)
+    print(orjson.dumps(result).decode())
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rewardserve", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -97,6 +105,17 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     add_settings_flags(score)
     score.set_defaults(func=cmd_score)
+
+    bench = sub.add_parser("bench", help="benchmarks; each prints a table and a final JSON line")
+    bench_sub = bench.add_subparsers(dest="bench", required=True)
+    cache = bench_sub.add_parser("cache", help="100%% cache hits through HTTP vs the same server's /healthz")
+    cache.add_argument("--model", default=None, help="checkpoint (default: the embedded model)")
+    cache.add_argument("--tiers", default="lru,redis", help="comma-separated: lru, redis")
+    cache.add_argument("--redis-url", default=None, help="use this Redis (default: start a throwaway redis-server)")
+    cache.add_argument("--duration", type=float, default=10.0, help="seconds of load per measurement")
+    cache.add_argument("--concurrency", type=int, default=32, help="concurrent keep-alive connections")
+    cache.add_argument("--items-per-request", type=int, default=1, help="items in each /v1/score request")
+    cache.set_defaults(func=cmd_bench_cache)
     return parser
 
 
@@ -107,5 +126,3 @@ def main(argv: list[str] | None = None) -> None:
 
 if __name__ == "__main__":
     main()
-
-__all__ = ["main", "build_parser", "settings_from_args", "orjson"]

@@ -7,6 +7,7 @@ can never drift apart. Only `cli.py` and `app.py` construct it; everything else 
 
 from __future__ import annotations
 
+from functools import cached_property
 from pathlib import Path
 from typing import Literal
 
@@ -79,7 +80,7 @@ class Settings(BaseSettings):
             )
         return self
 
-    @property
+    @cached_property
     def model_name(self) -> str:
         if self.served_name:
             return self.served_name

@@ -99,6 +99,7 @@ class ModelCard(BaseModel):
     max_length: int
     dtype: str
     devices: list[str]
+    fingerprint: str | None = Field(None, description="Digest of the weights and config (set when caching is on).")
 
 
 class ModelList(BaseModel):

@@ -125,6 +125,7 @@ def test_models_health_ready_metrics_docs(server, client, ckpt):
     assert client.get("/healthz").json() == {"status": "ok"}
     assert client.get("/readyz").json() == {"status": "ready", "model": server.engine.name}
     [card] = client.get("/v1/models").json()["data"]
+    assert len(card.pop("fingerprint")) == 32
     assert card | {"source": None} == {
         "id": server.engine.name, "object": "model", "source": None, "architecture": "Qwen2ForSequenceClassification",
         "num_labels": 1, "labels": ["LABEL_0"], "max_length": 64, "dtype": "float32", "devices": ["cpu"],

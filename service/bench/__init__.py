@@ -1,0 +1,1 @@
+"""`rewardserve bench ...`: measurements, each printed as a table and one final JSON line."""

@@ -1,0 +1,82 @@
+"""A lean HTTP/1.1 load generator for loopback benchmarks.
+
+Written by hand on asyncio streams because the client shares the machine with the server under test:
+a general-purpose client (httpx) spends several times more CPU per request than this one, which would
+cap the numbers we measure at the client's speed, not the server's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+
+
+@dataclass
+class LoadResult:
+    requests: int
+    errors: int
+    seconds: float
+    latencies: list[float]
+
+    @property
+    def rps(self) -> float:
+        return self.requests / self.seconds if self.seconds else 0.0
+
+    def percentile(self, q: float) -> float:
+        if not self.latencies:
+            return float("nan")
+        xs = sorted(self.latencies)
+        return xs[min(len(xs) - 1, int(q * len(xs)))]
+
+    def summary(self) -> dict:
+        return {"requests": self.requests, "errors": self.errors, "rps": round(self.rps, 1),
+                "p50_ms": round(self.percentile(0.50) * 1000, 3), "p99_ms": round(self.percentile(0.99) * 1000, 3)}
+
+
+def build_request(method: str, path: str, host: str, body: bytes | None = None) -> bytes:
+    head = f"{method} {path} HTTP/1.1\r\nHost: {host}\r\nConnection: keep-alive\r\n"
+    if body is not None:
+        head += f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n"
+    return head.encode() + b"\r\n" + (body or b"")
+
+
+async def _read_response(reader: asyncio.StreamReader) -> tuple[int, bytes]:
+    head = await reader.readuntil(b"\r\n\r\n")
+    status = int(head[9:12])
+    length = 0
+    for line in head.split(b"\r\n")[1:]:
+        if line[:15].lower() == b"content-length:":
+            length = int(line[15:])
+    return status, await reader.readexactly(length)
+
+
+async def run_load(host: str, port: int, requests: list[bytes], *, concurrency: int, duration: float,
+                   warmup: float = 0.5) -> LoadResult:
+    """Closed loop: `concurrency` connections each send the next request as soon as the last answered."""
+    latencies: list[float] = []
+    errors = 0
+    stop_at = 0.0
+    measure_from = 0.0
+
+    async def connection(worker: int) -> None:
+        nonlocal errors
+        reader, writer = await asyncio.open_connection(host, port)
+        i = worker
+        try:
+            while (now := time.perf_counter()) < stop_at:
+                writer.write(requests[i % len(requests)])
+                i += concurrency
+                status, _ = await _read_response(reader)
+                done = time.perf_counter()
+                if done >= measure_from:
+                    latencies.append(done - now)
+                    errors += status != 200
+        finally:
+            writer.close()
+
+    start = time.perf_counter()
+    measure_from = start + warmup
+    stop_at = measure_from + duration
+    await asyncio.gather(*(connection(w) for w in range(concurrency)))
+    return LoadResult(len(latencies), errors, time.perf_counter() - measure_from, latencies)

@@ -1,0 +1,27 @@
+"""The benchmark commands run end to end and print their final JSON line (numbers are not asserted)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+from tests.conftest import require_tool
+
+
+def test_bench_cache_reports_hits_next_to_healthz(tiny_ckpt):
+    require_tool(shutil.which("redis-server") is not None, "redis-server")
+    proc = subprocess.run(
+        [sys.executable, "-m", "service.cli", "bench", "cache", "--model", str(tiny_ckpt("llama")),
+         "--duration", "0.5", "--concurrency", "4"],
+        capture_output=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr.decode()[-2000:]
+    result = json.loads(proc.stdout.decode().strip().splitlines()[-1])
+    assert result["bench"] == "cache" and [r["tier"] for r in result["results"]] == ["lru", "redis"]
+    for row in result["results"]:
+        for phase in ("healthz", "score_hits"):
+            assert row[phase]["requests"] > 0 and row[phase]["errors"] == 0
+            assert 0 < row[phase]["p50_ms"] <= row[phase]["p99_ms"]
+        assert row["hit_rps_vs_healthz"] > 0
