@@ -88,6 +88,17 @@ def cmd_bench_cache(args: argparse.Namespace) -> None:
     print(orjson.dumps(result).decode())
 
 
+def cmd_bench_throughput(args: argparse.Namespace) -> None:
+    import torch
+
+    from service.bench.throughput import run
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    result = run(device, args.dtype, args.items, args.min_len, args.max_len, args.repeats, args.batch_tokens,
+                 args.arrival_batch_items)
+    print(orjson.dumps(result).decode())
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rewardserve", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -116,6 +127,17 @@ def build_parser() -> argparse.ArgumentParser:
     cache.add_argument("--concurrency", type=int, default=32, help="concurrent keep-alive connections")
     cache.add_argument("--items-per-request", type=int, default=1, help="items in each /v1/score request")
     cache.set_defaults(func=cmd_bench_cache)
+
+    tput = bench_sub.add_parser("throughput", help="HF padded (arrival order, length-sorted) vs the packed fast path")
+    tput.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    tput.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    tput.add_argument("--items", type=int, default=48, help="sequences in the workload")
+    tput.add_argument("--min-len", type=int, default=32)
+    tput.add_argument("--max-len", type=int, default=1024)
+    tput.add_argument("--repeats", type=int, default=3, help="alternating runs of each path (median reported)")
+    tput.add_argument("--batch-tokens", type=int, default=16384, help="token budget of (b) and (c) batches")
+    tput.add_argument("--arrival-batch-items", type=int, default=16, help="items per padded batch of (a)")
+    tput.set_defaults(func=cmd_bench_throughput)
     return parser
 
 

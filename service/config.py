@@ -40,6 +40,9 @@ class Settings(BaseSettings):
     default_truncation: Truncation = Field(
         "error", description="Policy for over-long items when the request does not say: left, right or error (413)."
     )
+    backend: Literal["auto", "packed", "hf"] = Field(
+        "auto", description="auto: the packed fast path for Llama/Qwen2/Qwen3/Mistral, else padded HF."
+    )
     trust_remote_code: bool = Field(False, description="Allow custom modelling code from the checkpoint.")
     revision: str | None = Field(None, description="Hub revision, when `model` is a hub id.")
     cpu_threads: int | None = Field(None, ge=1, description="torch threads for CPU inference (default: all cores).")

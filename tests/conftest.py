@@ -5,6 +5,16 @@ from __future__ import annotations
 import os
 
 import pytest
+import torch
+
+# Triton kernels run for real on CUDA; without a GPU they run in Triton's interpreter. The variable is
+# read when a kernel is decorated, so it must be set before anything imports `kernels`.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+# Nothing may be fetched from a model hub during tests: a hub id must fail fast, not wait on the network.
+# (huggingface_hub reads these when it is first imported, so before tests.factories imports transformers.)
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 from tests.factories import build_checkpoint
 
@@ -26,14 +36,10 @@ def tiny_ckpt(tmp_path_factory):
     cache: dict = {}
 
     def make(arch: str = "llama", **opts):
-        key = (arch, tuple(sorted(opts.items())))
+        key = (arch, repr(sorted(opts.items())))
         if key not in cache:
-            name = arch + "".join(f"-{k}={v}" for k, v in sorted(opts.items()))
+            name = arch + "".join(f"-{k}" for k in sorted(opts))
             cache[key] = build_checkpoint(tmp_path_factory.mktemp(name.replace("=", "_")), arch, **opts)
         return cache[key]
 
     return make
-
-# Nothing may be fetched from a model hub during tests: a hub id must fail fast, not wait on the network.
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")

@@ -16,6 +16,8 @@ from transformers.utils import cached_file
 
 from service.config import Settings
 from service.models.hf_backend import HFBackend
+from service.models.packed import DecoderConfig, load_packed
+from service.models.packed_backend import PackedBackend, rotary_parameters
 from service.models.tokenize import ItemEncoder
 
 log = logging.getLogger(__name__)
@@ -65,11 +67,38 @@ class LoadedModel:
     max_length: int
     dtype: torch.dtype
     encoder: ItemEncoder
-    backends: list[HFBackend] = field(default_factory=list)
+    backend: str  # "packed" (the fast path) or "hf" (padded AutoModelForSequenceClassification)
+    backends: list = field(default_factory=list)  # one HFBackend or PackedBackend per device
 
     @property
     def devices(self) -> list[str]:
         return [str(b.device) for b in self.backends]
+
+
+def _model_dir(source: str, common: dict, want_safetensors: bool) -> Path:
+    """The local directory holding the checkpoint (downloading a hub snapshot when it is a hub id)."""
+    if Path(source).is_dir():
+        return Path(source)
+    if want_safetensors:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(source, revision=common.get("revision"),
+                                      allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"]))
+    return Path(cached_file(source, "config.json", **common)).parent
+
+
+def choose_backend(requested: str, config, model_dir: Path | None) -> tuple[str, str]:
+    """('packed' | 'hf', reason)."""
+    if requested == "hf":
+        return "hf", "requested"
+    reason = DecoderConfig.unsupported_reason(config)
+    if reason is None and model_dir is not None and not any(model_dir.glob("*.safetensors")):
+        reason = "no safetensors weights"
+    if reason is None:
+        return "packed", "Llama-family checkpoint"
+    if requested == "packed":
+        raise ValueError(f"--backend packed cannot serve this checkpoint: {reason}")
+    return "hf", reason
 
 
 def load_model(settings: Settings) -> LoadedModel:
@@ -93,26 +122,37 @@ def load_model(settings: Settings) -> LoadedModel:
     devices = resolve_devices(settings.devices)
     dtype = resolve_dtype(settings.dtype, devices[0])
     tokenizer = AutoTokenizer.from_pretrained(source, **common)
-    model = AutoModelForSequenceClassification.from_pretrained(source, dtype=dtype, **common)
-    model.eval()
+    kind, why = choose_backend(settings.backend, config, Path(source) if Path(source).is_dir() else None)
+    model_dir = _model_dir(source, common, want_safetensors=kind == "packed")
+    if kind == "packed":
+        kind, why = choose_backend(settings.backend, config, model_dir)
 
     limits = [settings.max_batch_tokens]
     for value in (settings.max_length, _model_max_positions(config)):
         if value:
             limits.append(value)
     max_length = min(limits)
-    vocab = model.get_input_embeddings().num_embeddings
+    pad_id = config.get_text_config().pad_token_id
+    backends: list = []
+    if kind == "packed":
+        inv_freq, scaling = rotary_parameters(config)
+        base = load_packed(model_dir, config, inv_freq, scaling)
+        vocab = base.cfg.vocab_size
+        for i, device in enumerate(devices):
+            replica = base if i == len(devices) - 1 else copy.deepcopy(base)
+            backends.append(PackedBackend(replica.to_device(device, dtype), device, settings.max_batch_tokens, pad_id))
+    else:
+        model = AutoModelForSequenceClassification.from_pretrained(source, dtype=dtype, **common).eval()
+        vocab = model.get_input_embeddings().num_embeddings
+        for i, device in enumerate(devices):
+            replica = model if i == len(devices) - 1 else copy.deepcopy(model)
+            backends.append(HFBackend(replica.to(device), device, settings.max_batch_tokens))
     encoder = ItemEncoder(tokenizer, max_length=max_length, vocab_size=vocab)
-
-    backends = []
-    for i, device in enumerate(devices):
-        replica = model if i == len(devices) - 1 else copy.deepcopy(model)
-        backends.append(HFBackend(replica.to(device), device, settings.max_batch_tokens))
-    model_dir = Path(source) if Path(source).is_dir() else Path(cached_file(source, "config.json", **common)).parent
     labels = [config.id2label.get(i, f"LABEL_{i}") for i in range(config.num_labels)]
-    log.info("loaded %s (%s, %s) on %s, max_length=%d", source, archs, dtype, devices, max_length)
+    log.info("loaded %s (%s, %s) on %s with the %s backend (%s), max_length=%d", source, archs, dtype, devices,
+             kind, why, max_length)
     return LoadedModel(
-        name=settings.model_name, source=source, model_dir=model_dir, architecture=(archs or [type(model).__name__])[0],
+        name=settings.model_name, source=source, model_dir=model_dir, architecture=(archs or ["unknown"])[0],
         num_labels=config.num_labels, labels=labels, max_length=max_length, dtype=dtype, encoder=encoder,
-        backends=backends,
+        backend=kind, backends=backends,
     )

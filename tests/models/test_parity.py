@@ -29,14 +29,17 @@ def _random_seqs(vocab: int, lengths: list[int], seed: int, avoid: set[int]) -> 
 
 
 LENGTHS = [1, 2, 7, 33, 64, 100, 151, 299, 300, 5, 48, 17]
+PACKED_ARCHS = ("llama", "qwen2", "qwen3", "mistral")
+CASES = [(a, b) for a in ARCHS for b in (("packed", "hf") if a in PACKED_ARCHS else ("hf",))]
 
 
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("arch,backend", CASES)
 @pytest.mark.parametrize("pad_token", [True, False], ids=["pad", "nopad"])
 @pytest.mark.parametrize("padding_side", ["right", "left"])
-def test_batched_scores_equal_hf_alone(tiny_ckpt, arch, pad_token, padding_side):
+def test_batched_scores_equal_hf_alone(tiny_ckpt, arch, backend, pad_token, padding_side):
     path = tiny_ckpt(arch, pad_token=pad_token, padding_side=padding_side)
-    loaded = load_model(Settings(model=str(path), warmup=False))
+    loaded = load_model(Settings(model=str(path), warmup=False, backend=backend))
+    assert loaded.backend == backend
     backend = loaded.backends[0]
     hf = AutoModelForSequenceClassification.from_pretrained(path).eval()
     pad_id = hf.config.pad_token_id
@@ -54,11 +57,11 @@ def test_batched_scores_equal_hf_alone(tiny_ckpt, arch, pad_token, padding_side)
     assert (sub - mixed[3:7]).abs().max().item() <= 1e-5
 
 
-@pytest.mark.parametrize("arch", ["llama", "gpt2"])
-def test_trailing_pad_tokens_pool_where_hf_pools(tiny_ckpt, arch):
+@pytest.mark.parametrize("arch,backend", [("llama", "packed"), ("llama", "hf"), ("gpt2", "hf")])
+def test_trailing_pad_tokens_pool_where_hf_pools(tiny_ckpt, arch, backend):
     """An item that itself ends in pad ids is pooled at its last non-pad token, as HF does alone."""
     path = tiny_ckpt(arch, pad_token=True)
-    loaded = load_model(Settings(model=str(path), warmup=False))
+    loaded = load_model(Settings(model=str(path), warmup=False, backend=backend))
     hf = AutoModelForSequenceClassification.from_pretrained(path).eval()
     pad = hf.config.pad_token_id
     seqs = [[5, 6, 7, pad, pad], [8, 9, 10, 11, 12, 13, 14], [pad, 20, 21]]
@@ -71,6 +74,7 @@ def test_trailing_pad_tokens_pool_where_hf_pools(tiny_ckpt, arch):
 def test_multi_head_models_return_every_head(tiny_ckpt, arch):
     path = tiny_ckpt(arch, num_labels=3)
     loaded = load_model(Settings(model=str(path), warmup=False))
+    assert loaded.backend == ("packed" if arch == "qwen3" else "hf")
     hf = AutoModelForSequenceClassification.from_pretrained(path).eval()
     seqs = _random_seqs(loaded.encoder.vocab_size, [3, 40, 90], seed=1, avoid={hf.config.pad_token_id})
     ours = loaded.backends[0].score(seqs).scores
@@ -80,10 +84,36 @@ def test_multi_head_models_return_every_head(tiny_ckpt, arch):
 
 def test_small_batch_token_budget_splits_into_micro_batches_without_changing_scores(tiny_ckpt):
     path = tiny_ckpt("mistral")
-    loaded = load_model(Settings(model=str(path), warmup=False, max_batch_tokens=320, max_batch_items=8))
+    loaded = load_model(Settings(model=str(path), warmup=False, max_batch_tokens=320, max_batch_items=8,
+                                 backend="hf"))
     backend = loaded.backends[0]
     hf = AutoModelForSequenceClassification.from_pretrained(path).eval()
     seqs = _random_seqs(loaded.encoder.vocab_size, [300, 10, 200, 50, 299, 3], seed=2, avoid={hf.config.pad_token_id})
     out = backend.score(seqs)
     assert out.computed_positions <= sum(300 for _ in seqs)  # sorted micro-batches, never one 6x300 block
     assert (out.scores - _hf_alone(hf, seqs)).abs().max().item() <= TOL
+
+
+ROPES = {
+    "llama3": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 64, "rope_theta": 10000.0},
+    "linear": {"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0},
+    "yarn": {"rope_type": "yarn", "factor": 8.0, "original_max_position_embeddings": 64, "rope_theta": 10000.0},
+    "theta": {"rope_type": "default", "rope_theta": 1000000.0},
+}
+
+
+@pytest.mark.parametrize("rope", sorted(ROPES))
+def test_packed_path_follows_rope_scaling(tiny_ckpt, rope):
+    path = tiny_ckpt("llama", rope_parameters=ROPES[rope])
+    loaded = load_model(Settings(model=str(path), warmup=False, backend="packed"))
+    hf = AutoModelForSequenceClassification.from_pretrained(path).eval()
+    seqs = _random_seqs(loaded.encoder.vocab_size, [5, 90, 300, 511], seed=4, avoid={hf.config.pad_token_id})
+    assert (loaded.backends[0].score(seqs).scores - _hf_alone(hf, seqs)).abs().max().item() <= TOL
+
+
+def test_auto_backend_picks_packed_for_llama_family_and_hf_otherwise(tiny_ckpt):
+    assert load_model(Settings(model=str(tiny_ckpt("qwen2")), warmup=False)).backend == "packed"
+    assert load_model(Settings(model=str(tiny_ckpt("gpt2")), warmup=False)).backend == "hf"
+    with pytest.raises(ValueError, match="cannot serve"):
+        load_model(Settings(model=str(tiny_ckpt("gemma2")), warmup=False, backend="packed"))

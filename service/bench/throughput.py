@@ -1,0 +1,161 @@
+"""`rewardserve bench throughput`: one mixed-length workload through three paths, in one process.
+
+(a) HF AutoModelForSequenceClassification, padded batches in arrival order (what peers run);
+(b) HF, length-sorted micro-batches under the token budget (our padded fallback);
+(c) the packed fast path.
+Runs alternate (a, b, c, a, b, c, ...) so drift in machine speed hits every path alike. It prints
+tokens/s, each path's ratio to (a), and the fraction of the machine's limit: measured GEMM FLOP/s
+for the dtype divided by the model's FLOPs per token (weights and causal attention of this workload).
+"""
+
+from __future__ import annotations
+
+import platform
+import random
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForSequenceClassification, LlamaConfig
+
+from service.config import Settings
+from service.models.hf_backend import HFBackend
+from service.models.loading import load_model, resolve_dtype
+
+# Realistic reward-model shapes: a ~40M Llama on CPU, a Qwen2.5-0.5B-class one on GPU.
+SHAPES = {
+    "cpu": dict(hidden_size=512, intermediate_size=1536, num_hidden_layers=8, num_attention_heads=8,
+                num_key_value_heads=4, vocab_size=32000),
+    "gpu": dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
+                num_key_value_heads=2, vocab_size=151936),
+}
+
+
+def build_checkpoint(shape: str, max_len: int, path: Path) -> Path:
+    cfg = LlamaConfig(**SHAPES[shape], max_position_embeddings=max(2048, max_len), num_labels=1, pad_token_id=0,
+                      tie_word_embeddings=False, architectures=["LlamaForSequenceClassification"])
+    torch.manual_seed(0)
+    model = AutoModelForSequenceClassification.from_config(cfg)
+    model.save_pretrained(path)
+    return path
+
+
+def workload(n_items: int, lo: int, hi: int, vocab: int, seed: int = 0) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[rng.randrange(1, vocab) for _ in range(rng.randint(lo, hi))] for _ in range(n_items)]
+
+
+def model_flops_per_token(cfg, seqs: list[list[int]]) -> float:
+    """2 x (non-embedding weights) per token, plus causal attention (QK^T and AV) of this workload."""
+    h, i, layers = cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers
+    d = h // cfg.num_attention_heads
+    q, kv = cfg.num_attention_heads * d, cfg.num_key_value_heads * d
+    weights = layers * (h * (q + 2 * kv) + q * h + 3 * h * i)
+    tokens = sum(len(s) for s in seqs)
+    attn = layers * sum(2 * 2 * (len(s) * (len(s) + 1) / 2) * q for s in seqs) / tokens
+    return 2 * weights + attn
+
+
+def gemm_flops(dtype: torch.dtype, device: torch.device, n: int, k: int, m: int, seconds: float = 2.0) -> float:
+    """Best observed FLOP/s of an (n x k) @ (k x m) matmul: the machine's practical limit."""
+    a = torch.randn(n, k, device=device).to(dtype)
+    b = torch.randn(k, m, device=device).to(dtype)
+    best = 0.0
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        _sync(device)
+        t = time.perf_counter()
+        a @ b
+        _sync(device)
+        best = max(best, 2 * n * k * m / (time.perf_counter() - t))
+    return best
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class ArrivalOrderHF:
+    """What peers do: consecutive requests padded together, no sorting."""
+
+    def __init__(self, model, device, batch_items: int, pad_id: int):
+        self.model, self.device, self.batch_items, self.pad_id = model, device, batch_items, pad_id
+
+    @torch.inference_mode()
+    def score(self, seqs: list[list[int]]) -> None:
+        for i in range(0, len(seqs), self.batch_items):
+            chunk = seqs[i : i + self.batch_items]
+            longest = max(len(s) for s in chunk)
+            ids = torch.full((len(chunk), longest), self.pad_id, dtype=torch.long)
+            mask = torch.zeros_like(ids)
+            for r, s in enumerate(chunk):
+                ids[r, : len(s)] = torch.tensor(s)
+                mask[r, : len(s)] = 1
+            self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device)).logits.float().cpu()
+
+
+def run(device_name: str, dtype_name: str, n_items: int, lo: int, hi: int, repeats: int, batch_tokens: int,
+        batch_items: int) -> dict:
+    device = torch.device(device_name)
+    shape = "gpu" if device.type == "cuda" else "cpu"
+    dtype = resolve_dtype(dtype_name, device)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = build_checkpoint(shape, hi, Path(tmp))
+        base = dict(model=str(path), dtype=str(dtype).removeprefix("torch."), devices=device_name,
+                    max_batch_tokens=batch_tokens, warmup=False, lru_items=0)
+        fast = load_model(Settings(**base, backend="packed")).backends[0]
+        hf = load_model(Settings(**base, backend="hf")).backends[0]
+    assert isinstance(hf, HFBackend)
+    cfg = hf.model.config
+    seqs = workload(n_items, lo, hi, cfg.vocab_size)
+    tokens = sum(len(s) for s in seqs)
+    paths = {"a_hf_arrival_order": ArrivalOrderHF(hf.model, device, batch_items, 0), "b_hf_length_sorted": hf,
+             "c_packed": fast}
+
+    def batches_by_tokens(s: list[list[int]]):  # how the batcher feeds (b) and (c)
+        out, cur, n = [], [], 0
+        for x in s:
+            if cur and n + len(x) > batch_tokens:
+                out.append(cur)
+                cur, n = [], 0
+            cur.append(x)
+            n += len(x)
+        return out + ([cur] if cur else [])
+
+    def once(name: str) -> float:
+        _sync(device)
+        t = time.perf_counter()
+        if name.startswith("a_"):
+            paths[name].score(seqs)
+        else:
+            for b in batches_by_tokens(seqs):
+                paths[name].score(b)
+        _sync(device)
+        return tokens / (time.perf_counter() - t)
+
+    for name in paths:  # warm-up (allocator, kernel selection, compilation)
+        once(name)
+    rates: dict[str, list[float]] = {n: [] for n in paths}
+    for _ in range(repeats):
+        for name in paths:
+            rates[name].append(once(name))
+    flops_tok = model_flops_per_token(cfg, seqs)
+    limit = gemm_flops(dtype, device, min(4096, batch_tokens), cfg.hidden_size, cfg.intermediate_size)
+    base_rate = statistics.median(rates["a_hf_arrival_order"])
+    rows = {}
+    for name, rs in rates.items():
+        rate = statistics.median(rs)
+        rows[name] = {"tokens_per_s": round(rate, 1), "ratio_vs_a": round(rate / base_rate, 3),
+                      "fraction_of_limit": round(rate * flops_tok / limit, 3)}
+        print(f"{name:20s} {rate:10.1f} tok/s  x{rate / base_rate:5.2f} vs (a)  "
+              f"{100 * rate * flops_tok / limit:5.1f}% of limit", flush=True)
+    return {
+        "bench": "throughput", "device": torch.cuda.get_device_name(device) if device.type == "cuda"
+        else f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
+        "dtype": str(dtype).removeprefix("torch."), "shape": SHAPES[shape], "items": n_items, "tokens": tokens,
+        "lengths": [lo, hi], "repeats": repeats, "batch_tokens": batch_tokens, "arrival_batch_items": batch_items,
+        "gemm_flops": round(limit), "model_flops_per_token": round(flops_tok), "paths": rows,
+    }

@@ -1,0 +1,224 @@
+"""The fast path: a padding-free packed decoder for Llama-family reward models (Llama, Qwen2, Qwen3,
+Mistral), reading the HF config and safetensors weights directly.
+
+All tokens of a batch are concatenated into one (T, H) stream; `cu_seqlens` marks where each
+sequence starts and `positions` restart at 0 for each. Every matmul runs over the T real tokens and
+nothing else. Attention is causal within each sequence (and windowed where the config says so).
+The reward is read at each sequence's pooled token by the fused reward head (final RMSNorm + gather
++ projection onto all heads, fp32 accumulation).
+
+On CUDA the elementwise ops are Triton kernels (kernels/); on CPU their PyTorch references run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from torch import nn
+
+from kernels.reward_head import reward_head_torch, reward_head_triton
+from kernels.rmsnorm import rmsnorm_torch, rmsnorm_triton
+from kernels.rope import rope_tables, rope_torch, rope_triton
+from kernels.swiglu import swiglu_torch, swiglu_triton
+from service.models.attention import packed_causal_attention
+
+FAMILIES = ("llama", "qwen2", "qwen3", "mistral")
+_ROPE_TYPES = ("default", "llama3", "linear", "yarn")
+
+
+@dataclass(frozen=True)
+class DecoderConfig:
+    family: str
+    vocab_size: int
+    hidden: int
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    intermediate: int
+    eps: float
+    num_labels: int
+    qk_norm: bool
+    windows: tuple[int | None, ...]  # per layer: sliding window size, or None for full causal attention
+    max_positions: int
+    qkv_bias: bool = False  # Qwen2; Llama/Qwen3 with attention_bias
+    o_bias: bool = False
+    mlp_bias: bool = False
+
+    @staticmethod
+    def unsupported_reason(hf) -> str | None:
+        """Why this HF config cannot take the fast path (None when it can)."""
+        if hf.model_type not in FAMILIES:
+            return f"model_type {hf.model_type!r} is not one of {FAMILIES}"
+        rope = getattr(hf, "rope_parameters", None) or getattr(hf, "rope_scaling", None) or {}
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        if rope_type not in _ROPE_TYPES:
+            return f"rope_type {rope_type!r} (dynamic scaling depends on the batch's longest sequence)"
+        if getattr(hf, "hidden_act", "silu") != "silu":
+            return f"hidden_act {hf.hidden_act!r}"
+        return None
+
+    @classmethod
+    def from_hf(cls, hf) -> "DecoderConfig":
+        head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads
+        types = getattr(hf, "layer_types", None) or ["full_attention"] * hf.num_hidden_layers
+        window = getattr(hf, "sliding_window", None)
+        windows = tuple(window if t == "sliding_attention" and window else None for t in types)
+        if hf.model_type == "mistral" and window and not getattr(hf, "layer_types", None):
+            windows = (window,) * hf.num_hidden_layers
+        return cls(
+            family=hf.model_type, vocab_size=hf.vocab_size, hidden=hf.hidden_size, layers=hf.num_hidden_layers,
+            heads=hf.num_attention_heads, kv_heads=hf.num_key_value_heads or hf.num_attention_heads,
+            head_dim=head_dim, intermediate=hf.intermediate_size, eps=hf.rms_norm_eps, num_labels=hf.num_labels,
+            qk_norm=hf.model_type == "qwen3", windows=windows, max_positions=hf.max_position_embeddings,
+        )
+
+
+class Ops:
+    """The elementwise kernels for one device: Triton on CUDA, the PyTorch references elsewhere."""
+
+    def __init__(self, device: torch.device):
+        cuda = device.type == "cuda"
+        self.rmsnorm = rmsnorm_triton if cuda else rmsnorm_torch
+        self.rope = rope_triton if cuda else rope_torch
+        self.swiglu = swiglu_triton if cuda else swiglu_torch
+        self.reward_head = reward_head_triton if cuda else reward_head_torch
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: DecoderConfig, window: int | None):
+        super().__init__()
+        self.cfg, self.window = cfg, window
+        q, kv = cfg.heads * cfg.head_dim, cfg.kv_heads * cfg.head_dim
+        self.wqkv = nn.Linear(cfg.hidden, q + 2 * kv, bias=cfg.qkv_bias)  # q, k, v projections fused
+        self.wo = nn.Linear(q, cfg.hidden, bias=cfg.o_bias)
+        self.w_gate_up = nn.Linear(cfg.hidden, 2 * cfg.intermediate, bias=cfg.mlp_bias)  # gate, up fused
+        self.w_down = nn.Linear(cfg.intermediate, cfg.hidden, bias=cfg.mlp_bias)
+        self.attn_norm = nn.Parameter(torch.ones(cfg.hidden))
+        self.mlp_norm = nn.Parameter(torch.ones(cfg.hidden))
+        if cfg.qk_norm:
+            self.q_norm = nn.Parameter(torch.ones(cfg.head_dim))
+            self.k_norm = nn.Parameter(torch.ones(cfg.head_dim))
+
+    def forward(self, x, residual, ops: Ops, rope, batch):
+        cfg = self.cfg
+        h, residual = ops.rmsnorm(x, self.attn_norm, cfg.eps, residual)  # (T, H)
+        qkv = self.wqkv(h)  # (T, (Hq + 2 Hk) D)
+        q, k, v = qkv.split([cfg.heads * cfg.head_dim, cfg.kv_heads * cfg.head_dim, cfg.kv_heads * cfg.head_dim], -1)
+        q = q.view(-1, cfg.heads, cfg.head_dim)  # (T, Hq, D)
+        k = k.view(-1, cfg.kv_heads, cfg.head_dim)  # (T, Hk, D)
+        v = v.view(-1, cfg.kv_heads, cfg.head_dim)
+        if cfg.qk_norm:
+            q, _ = ops.rmsnorm(q, self.q_norm, cfg.eps)
+            k, _ = ops.rmsnorm(k, self.k_norm, cfg.eps)
+        cos, sin = rope
+        q, k = ops.rope(q, k, cos, sin, batch.positions)
+        attn = packed_causal_attention(q, k, v, batch, self.window)  # (T, Hq D)
+        h, residual = ops.rmsnorm(self.wo(attn), self.mlp_norm, cfg.eps, residual)
+        return self.w_down(ops.swiglu(self.w_gate_up(h))), residual
+
+
+@dataclass
+class PackedBatch:
+    input_ids: torch.Tensor  # (T,) all tokens, sequences back to back
+    positions: torch.Tensor  # (T,) position within its own sequence
+    cu_seqlens: list[int]  # (B + 1,) start offsets, on the host (the CPU attention loops over them)
+    cu_seqlens_device: torch.Tensor  # the same as int32 on the device (varlen kernels)
+    max_len: int
+    last_idx: torch.Tensor  # (B,) packed index of each sequence's pooled token
+
+    @classmethod
+    def build(cls, seqs: list[list[int]], pool_offsets: list[int], device) -> "PackedBatch":
+        cu = [0]
+        for s in seqs:
+            cu.append(cu[-1] + len(s))
+        ids = torch.tensor([t for s in seqs for t in s], dtype=torch.long)
+        positions = torch.cat([torch.arange(len(s)) for s in seqs])
+        last = torch.tensor([cu[i] + p for i, p in enumerate(pool_offsets)], dtype=torch.long)
+        return cls(ids.to(device), positions.to(device), cu, torch.tensor(cu, dtype=torch.int32, device=device),
+                   max(len(s) for s in seqs), last.to(device))
+
+
+class PackedRewardModel(nn.Module):
+    def __init__(self, cfg: DecoderConfig, rope_inv_freq: torch.Tensor, rope_scaling: float):
+        super().__init__()
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden)
+        self.blocks = nn.ModuleList(Block(cfg, w) for w in cfg.windows)
+        self.norm = nn.Parameter(torch.ones(cfg.hidden))
+        self.score = nn.Parameter(torch.zeros(cfg.num_labels, cfg.hidden))
+        cos, sin = rope_tables(rope_inv_freq.float(), cfg.max_positions, rope_scaling)
+        self.register_buffer("rope_cos", cos, persistent=False)  # (max_positions, D) fp32
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.ops = Ops(torch.device("cpu"))
+
+    def to_device(self, device: torch.device, dtype: torch.dtype) -> "PackedRewardModel":
+        self.to(device)
+        for name, p in self.named_parameters():
+            p.data = p.data.to(dtype)
+        self.ops = Ops(device)
+        return self
+
+    def forward(self, batch: PackedBatch) -> torch.Tensor:
+        x = self.embed(batch.input_ids)  # (T, H)
+        residual = None
+        rope = (self.rope_cos, self.rope_sin)
+        for block in self.blocks:
+            x, residual = block(x, residual, self.ops, rope, batch)
+        # final norm + gather of each sequence's pooled token + every head, fp32 accumulation: (B, K)
+        return self.ops.reward_head(x, batch.last_idx, self.norm, self.cfg.eps, self.score, None, residual)
+
+
+def _hf_tensors(model_dir: Path):
+    """Yield (name, tensor) from every safetensors file of the checkpoint."""
+    files = sorted(model_dir.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"no .safetensors files in {model_dir} (the fast path reads safetensors only)")
+    for f in files:
+        with safe_open(str(f), framework="pt") as st:
+            for name in st.keys():
+                yield name, st.get_tensor(name)
+
+
+def load_packed(model_dir: Path, hf_config, rotary_inv_freq: torch.Tensor, rope_scaling: float) -> PackedRewardModel:
+    """Build the packed model from the checkpoint's own files (fp32 on CPU; move with `to_device`)."""
+    raw = dict(_hf_tensors(model_dir))
+    prefix = "model." if any(n.startswith("model.") for n in raw) else ""
+    has = lambda name: prefix + "layers.0." + name in raw  # noqa: E731
+    cfg = dataclasses.replace(DecoderConfig.from_hf(hf_config), qkv_bias=has("self_attn.q_proj.bias"),
+                              o_bias=has("self_attn.o_proj.bias"), mlp_bias=has("mlp.down_proj.bias"))
+    model = PackedRewardModel(cfg, rotary_inv_freq, rope_scaling)
+
+    def take(name: str) -> torch.Tensor:
+        try:
+            return raw.pop(prefix + name).float()
+        except KeyError:
+            raise KeyError(f"checkpoint has no tensor {prefix + name!r}") from None
+
+    with torch.no_grad():
+        model.embed.weight.copy_(take("embed_tokens.weight"))
+        for i, b in enumerate(model.blocks):
+            p = f"layers.{i}."
+            for kind in ("weight", "bias") if cfg.qkv_bias else ("weight",):
+                getattr(b.wqkv, kind).copy_(torch.cat([take(p + f"self_attn.{n}_proj.{kind}") for n in "qkv"]))
+            for kind in ("weight", "bias") if cfg.o_bias else ("weight",):
+                getattr(b.wo, kind).copy_(take(p + f"self_attn.o_proj.{kind}"))
+            for kind in ("weight", "bias") if cfg.mlp_bias else ("weight",):
+                getattr(b.w_gate_up, kind).copy_(torch.cat([take(p + f"mlp.{n}_proj.{kind}") for n in ("gate", "up")]))
+                getattr(b.w_down, kind).copy_(take(p + f"mlp.down_proj.{kind}"))
+            b.attn_norm.copy_(take(p + "input_layernorm.weight"))
+            b.mlp_norm.copy_(take(p + "post_attention_layernorm.weight"))
+            if cfg.qk_norm:
+                b.q_norm.copy_(take(p + "self_attn.q_norm.weight"))
+                b.k_norm.copy_(take(p + "self_attn.k_norm.weight"))
+        model.norm.copy_(take("norm.weight"))
+        model.score.copy_(raw.pop("score.weight").float())
+    raw.pop("lm_head.weight", None)  # a tied or leftover LM head plays no part in the reward
+    if raw:
+        raise ValueError(f"unexpected tensors for the fast path: {sorted(raw)[:5]}")
+    return model.eval()
+

@@ -1,0 +1,40 @@
+"""The packed backend: batches of token ids through the padding-free decoder."""
+
+from __future__ import annotations
+
+import importlib
+
+import torch
+
+from service.models.hf_backend import BatchOutput
+from service.models.packed import PackedBatch, PackedRewardModel
+from service.models.pooling import last_token_index
+
+
+def rotary_parameters(hf_config) -> tuple[torch.Tensor, float]:
+    """inv_freq and attention scaling exactly as the family's HF rotary module computes them
+    (default, llama3, linear, yarn all come from transformers' own rope initialisers)."""
+    family = hf_config.model_type
+    module = importlib.import_module(f"transformers.models.{family}.modeling_{family}")
+    cls = next(getattr(module, n) for n in dir(module) if n.endswith("RotaryEmbedding"))
+    rotary = cls(config=hf_config)
+    return rotary.inv_freq.detach().float().cpu(), float(rotary.attention_scaling)
+
+
+class PackedBackend:
+    kind = "packed"
+
+    def __init__(self, model: PackedRewardModel, device: torch.device, max_batch_tokens: int,
+                 pad_token_id: int | None):
+        self.model = model
+        self.device = device
+        self.max_batch_tokens = max_batch_tokens
+        self.pad_token_id = pad_token_id
+
+    @torch.inference_mode()
+    def score(self, batch: list[list[int]]) -> BatchOutput:
+        pools = [last_token_index(s, self.pad_token_id) for s in batch]
+        packed = PackedBatch.build(batch, pools, self.device)
+        scores = self.model(packed).float().cpu()  # (B, K)
+        tokens = packed.cu_seqlens[-1]
+        return BatchOutput(scores, tokens, tokens)
