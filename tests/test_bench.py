@@ -25,3 +25,19 @@ def test_bench_cache_reports_hits_next_to_healthz(tiny_ckpt):
             assert row[phase]["requests"] > 0 and row[phase]["errors"] == 0
             assert 0 < row[phase]["p50_ms"] <= row[phase]["p99_ms"]
         assert row["hit_rps_vs_healthz"] > 0
+
+
+def test_bench_throughput_runs_all_three_paths_and_prints_json():
+    proc = subprocess.run(
+        [sys.executable, "-m", "service.cli", "bench", "throughput", "--items", "3", "--min-len", "8",
+         "--max-len", "40", "--repeats", "1"],
+        capture_output=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr.decode()[-2000:]
+    result = json.loads(proc.stdout.decode().strip().splitlines()[-1])
+    assert result["bench"] == "throughput" and result["dtype"] == "float32"
+    assert set(result["paths"]) == {"a_hf_arrival_order", "b_hf_length_sorted", "c_packed"}
+    assert result["paths"]["a_hf_arrival_order"]["ratio_vs_a"] == 1.0
+    for row in result["paths"].values():
+        assert row["tokens_per_s"] > 0 and 0 < row["fraction_of_limit"]
+    assert result["gemm_flops"] > 0 and result["model_flops_per_token"] > 0

@@ -18,7 +18,9 @@ import time
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForSequenceClassification, LlamaConfig
+from tokenizers import Tokenizer
+from tokenizers.models import WordLevel
+from transformers import AutoModelForSequenceClassification, LlamaConfig, PreTrainedTokenizerFast
 
 from service.config import Settings
 from service.models.hf_backend import HFBackend
@@ -39,6 +41,10 @@ def build_checkpoint(shape: str, max_len: int, path: Path) -> Path:
     torch.manual_seed(0)
     model = AutoModelForSequenceClassification.from_config(cfg)
     model.save_pretrained(path)
+    # the workload is token ids; a minimal tokenizer makes the directory a complete checkpoint
+    vocab = {"<pad>": 0, "<unk>": 1}
+    tok = Tokenizer(WordLevel(vocab, unk_token="<unk>"))
+    PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>").save_pretrained(path)
     return path
 
 
