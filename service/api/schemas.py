@@ -99,6 +99,7 @@ class ModelCard(BaseModel):
     max_length: int
     dtype: str
     devices: list[str]
+    backend: str = Field(description="packed (the fast path) or hf (padded AutoModelForSequenceClassification).")
     fingerprint: str | None = Field(None, description="Digest of the weights and config (set when caching is on).")
 
 
