@@ -55,6 +55,7 @@ class Settings(BaseSettings):
         1_000_000, ge=1, description="Admission control: beyond this many queued tokens requests get 429."
     )
     max_items_per_request: int = Field(4096, ge=1, description="Largest items list one request may carry (413).")
+    max_candidates: int = Field(256, ge=1, description="Most candidates one best-of-N request may rank (413).")
 
     # --- score cache -------------------------------------------------------------------------
     lru_items: int = Field(100_000, ge=0, description="In-process LRU cache size in items (0 disables it).")

@@ -15,10 +15,13 @@ from service.errors import Overloaded, ServiceError
 log = logging.getLogger(__name__)
 
 
+_LISTS = ("items", "candidates", "pairs")  # the request lists whose entries `index` names
+
+
 def field_path(loc: tuple) -> tuple[str, int | None]:
     """('body', 'items', 3, 'text') -> ('items[3].text', 3)."""
     parts = [p for p in loc if p != "body"]
-    index = parts[1] if len(parts) > 1 and parts[0] == "items" and isinstance(parts[1], int) else None
+    index = parts[1] if len(parts) > 1 and parts[0] in _LISTS and isinstance(parts[1], int) else None
     path = ""
     for p in parts:
         if isinstance(p, int):

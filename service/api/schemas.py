@@ -34,6 +34,9 @@ class Item(Closed):
     add_special_tokens: StrictBool | None = Field(
         None, description="For `text` only: add the tokenizer's special tokens (default true; BOS never doubles)."
     )
+    group: StrictStr | None = Field(
+        None, description="Items with the same group (or the same prompt) are scored together, sharing the prompt."
+    )
 
     @model_validator(mode="after")
     def _one_form(self) -> "Item":
@@ -62,12 +65,84 @@ class Item(Closed):
         return self
 
 
-class ScoreRequest(Closed):
+
+class Options(Closed):
+    """Per-request knobs shared by every scoring endpoint."""
+
     model: StrictStr | None = Field(None, description="Served model name; optional when one model is served.")
-    items: list[Item] = Field(min_length=1, description="Items to score; rewards come back in this order.")
     truncation: Truncation | None = Field(None, description="Over-long items: left, right, or error (413).")
     priority: Priority = Field("interactive", description="interactive batches go before bulk ones.")
     cache: StrictBool = Field(True, description="false: neither read nor write the score cache for this request.")
+
+
+class ScoreRequest(Options):
+    items: list[Item] = Field(min_length=1, description="Items to score; rewards come back in this order.")
+
+
+class BestOfNRequest(Options):
+    prompt: StrictStr | None = Field(None, min_length=1, description="The user turn every candidate answers.")
+    messages: list[Message] | None = Field(None, min_length=1, description="The chat so far; each candidate is "
+                                           "appended as the assistant's turn.")
+    candidates: list[StrictStr] = Field(min_length=1, description="Responses to rank.")
+    top_k: int | None = Field(None, ge=1, description="Return only the best k indices in `ranking`.")
+
+    @model_validator(mode="after")
+    def _one_context(self) -> "BestOfNRequest":
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("send exactly one of prompt or messages")
+        return self
+
+
+class BestOfNResponse(BaseModel):
+    model: str
+    best_index: int
+    ranking: list[int] = Field(description="Candidate indices, best first.")
+    rewards: list[float] = Field(description="Rewards in candidate order.")
+    margin: float | None = Field(description="Best minus second best (null with one candidate).")
+    usage: Usage
+
+
+class Pair(Closed):
+    prompt: StrictStr = Field(min_length=1)
+    a: StrictStr
+    b: StrictStr
+
+
+class LengthTie(Closed):
+    """WildBench-style: a narrow win by a much longer response counts as a tie."""
+
+    chars: int = Field(ge=0, description="The winner is more than this many characters longer than the loser...")
+    margin: float = Field(ge=0, description="...and wins by a reward margin below this: a tie.")
+
+
+class CompareRequest(Options):
+    prompt: StrictStr | None = Field(None, min_length=1)
+    a: StrictStr | None = None
+    b: StrictStr | None = None
+    pairs: list[Pair] | None = Field(None, min_length=1, description="Several comparisons at once.")
+    length_tie: LengthTie | None = None
+
+    @model_validator(mode="after")
+    def _one_shape(self) -> "CompareRequest":
+        single = (self.prompt, self.a, self.b)
+        if self.pairs is None and any(v is None for v in single):
+            raise ValueError("send prompt, a and b, or a pairs list")
+        if self.pairs is not None and any(v is not None for v in single):
+            raise ValueError("send either prompt/a/b or pairs, not both")
+        return self
+
+
+class Comparison(BaseModel):
+    reward_a: float
+    reward_b: float
+    p_a_better: float = Field(description="Bradley-Terry: sigmoid(reward_a - reward_b).")
+    winner: Literal["a", "b", "tie"]
+
+
+class CompareResponse(BaseModel):
+    model: str
+    results: list[Comparison]
+    usage: Usage
 
 
 class ItemResult(BaseModel):

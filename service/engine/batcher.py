@@ -18,6 +18,7 @@ from service.config import Settings
 from service.engine.types import Lane, Ticket, WorkItem
 from service.engine.workers import WorkerPool
 from service.errors import Overloaded, RequestTooLarge
+from service.models.units import Unit, unit_tokens
 from service.monitoring.metrics import Metrics
 
 
@@ -36,9 +37,9 @@ class Batcher:
         self._task: asyncio.Task | None = None
 
     # -- producer side (request handlers) -------------------------------------------------------
-    def submit(self, seqs: list[list[int]], lane: Lane, ticket: Ticket) -> list[WorkItem]:
+    def submit(self, seqs: list[Unit], lane: Lane, ticket: Ticket) -> list[WorkItem]:
         """Queue one request's items, or reject the whole request (nothing is half-admitted)."""
-        tokens = sum(len(s) for s in seqs)
+        tokens = sum(unit_tokens(s) for s in seqs)
         if tokens > self.max_queued:
             raise RequestTooLarge(
                 f"request holds {tokens} tokens, more than the server's queue capacity ({self.max_queued}); split it"

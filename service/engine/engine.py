@@ -22,11 +22,15 @@ from service.engine.types import Lane, Ticket, WorkItem
 from service.engine.workers import WorkerPool
 from service.errors import NotReady, bug
 from service.models.loading import LoadedModel, load_model
+from service.models.pooling import last_token_index
 from service.models.tokenize import Encoded, ItemLike
+from service.models.units import Shared, Unit
 from service.monitoring.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
+# Below this many shared tokens a group is not worth a prefix segment of its own.
+_MIN_SHARED_PREFIX = 8
 # Requests with fewer items are tokenised on the event loop: a thread hop costs more than encoding them.
 _INLINE_TOKENIZE_ITEMS = 8
 
@@ -124,46 +128,104 @@ class Engine:
         return await asyncio.to_thread(enc.encode, items, truncation)
 
     async def score_ids(
-        self, seqs: list[list[int]], lane: Lane, ticket: Ticket, use_cache: bool = True
+        self, seqs: list[list[int]], lane: Lane, ticket: Ticket, use_cache: bool = True,
+        groups: Sequence[Sequence[int]] = (),
     ) -> list[tuple[list[float], bool]]:
         """(scores, cached) per sequence. Raises typed errors (429 overload, 503 backend).
 
-        With the cache on: hits come from the LRU or Redis; an item identical to one already being
-        computed (by this request or another) joins that computation (single-flight); the rest are
-        queued, and their scores are stored when they complete.
+        `groups` lists indices of sequences that share a prompt: on the packed backend their common
+        token prefix is computed once and each member attends to it. With the cache on, hits come from
+        the LRU or Redis, and a plain item identical to one already being computed (by this request
+        or another) joins that computation (single-flight). Computed scores are stored on completion.
         """
         self._require()
-        if not use_cache or self.cache is None:
-            rows = await self._wait(self.batcher.submit(seqs, lane, ticket), ticket)
-            return [(row, False) for row in rows]
-        keys = [self.keys.key(s) for s in seqs]
-        found = await self.cache.lookup(keys)
-        waiting: dict[bytes, WorkItem | None] = {}
-        new: list[int] = []
-        for i, key in enumerate(keys):
-            if found[i] is not None or key in waiting:
+        cache = self.cache if use_cache else None
+        keys = [self.keys.key(s) for s in seqs] if cache else []
+        found = await cache.lookup(keys) if cache else [None] * len(seqs)
+        result = list(found)
+        pending: list[tuple[list[int], WorkItem]] = []  # (indices served by the item, item)
+        submit: list[tuple[Unit, list[int]]] = []
+        grouped: set[int] = set()
+        for group in groups:
+            members = [i for i in group if found[i] is None]
+            for unit, local in self._share([seqs[i] for i in members]):
+                submit.append((unit, [members[j] for j in local]))
+                grouped.update(submit[-1][1])
+        joined: dict[bytes, list[int]] = {}  # duplicate items within this request share one computation
+        for i, seq in enumerate(seqs):
+            if result[i] is not None or i in grouped:
                 continue
-            running = self._inflight.get(key)
+            if not cache:
+                submit.append((seq, [i]))
+                continue
+            if keys[i] in joined:
+                joined[keys[i]].append(i)
+                continue
+            joined[keys[i]] = idxs = [i]
+            running = self._inflight.get(keys[i])
             if running is not None and not running.future.done():
                 running.tickets.append(ticket)
-                waiting[key] = running
+                pending.append((idxs, running))
                 self.metrics.singleflight_shared.labels(self.name).inc()
             else:
-                waiting[key] = None
-                new.append(i)
-        if new:
-            for i, item in zip(new, self.batcher.submit([seqs[i] for i in new], lane, ticket)):
-                waiting[keys[i]] = item
-                self._inflight[keys[i]] = item
-                item.future.add_done_callback(functools.partial(self._settle, keys[i], item))
-        rows = dict(zip(waiting, await self._wait(list(waiting.values()), ticket)))
-        return [(found[i], True) if found[i] is not None else (rows[k], False) for i, k in enumerate(keys)]
+                submit.append((seq, idxs))
+        if submit:
+            for (unit, idxs), item in zip(submit, self.batcher.submit([u for u, _ in submit], lane, ticket)):
+                pending.append((idxs, item))
+                unit_keys = [keys[i] for i in idxs] if cache else []
+                if cache and not isinstance(unit, Shared):
+                    self._inflight[unit_keys[0]] = item
+                item.future.add_done_callback(functools.partial(self._settle, unit_keys, item))
+        values = await self._wait([item for _, item in pending], ticket)
+        for (idxs, item), value in zip(pending, values):
+            rows = value if isinstance(item.work, Shared) else [value] * len(idxs)
+            for i, row in zip(idxs, rows):
+                result[i] = row
+        return [(result[i], found[i] is not None) for i in range(len(seqs))]
 
-    def _settle(self, key: bytes, item: WorkItem, future: asyncio.Future) -> None:
-        if self._inflight.get(key) is item:
-            del self._inflight[key]
-        if not future.cancelled() and future.exception() is None:
-            self.cache.store(key, future.result())
+    def _share(self, seqs: list[list[int]]) -> list[tuple[Shared, list[int]]]:
+        """Shared-prefix units for one group (positions into `seqs`); members left out score alone.
+
+        The prefix is the longest common prefix of the members' *full* token sequences, so it is by
+        construction exactly what each full tokenisation starts with, whatever a chat template or a
+        BPE merge at the prompt/response boundary did.
+        """
+        if len(seqs) < 2 or self.model.backend != "packed":
+            return []
+        n = min(len(s) for s in seqs) - 1  # every member keeps at least its last token
+        p = 0
+        while p < n and all(s[p] == seqs[0][p] for s in seqs):
+            p += 1
+        if p < _MIN_SHARED_PREFIX:
+            return []
+        pools = [last_token_index(s, self.model.pad_token_id) - p for s in seqs]
+        members = [j for j, pool in enumerate(pools) if pool >= 0]
+        if len(members) < len(seqs):  # pooled inside the prefix (trailing pad ids): score those alone
+            self.metrics.prefix_fallback.labels(self.name).inc(len(seqs) - len(members))
+        units, chunk, tokens = [], [], p
+        for j in members + [None]:
+            if chunk and (j is None or tokens + len(seqs[j]) - p > self.settings.max_batch_tokens):
+                if len(chunk) > 1:
+                    units.append((Shared(seqs[chunk[0]][:p], [seqs[c][p:] for c in chunk],
+                                         [pools[c] for c in chunk]), chunk))
+                chunk, tokens = [], p
+            if j is not None:
+                chunk.append(j)
+                tokens += len(seqs[j]) - p
+        return units
+
+    def _settle(self, keys: list[bytes], item: WorkItem, future: asyncio.Future) -> None:
+        if keys and self._inflight.get(keys[0]) is item:
+            del self._inflight[keys[0]]
+        if future.cancelled() or future.exception() is not None:
+            return
+        value = future.result()
+        if isinstance(item.work, Shared):
+            self.metrics.prefix_saved_tokens.labels(self.name).inc(item.work.full_tokens - item.work.tokens)
+            for key, row in zip(keys, value):
+                self.cache.store(key, row)
+        elif keys:
+            self.cache.store(keys[0], value)
 
     @staticmethod
     async def _wait(items: list[WorkItem], ticket: Ticket) -> list[list[float]]:
@@ -186,8 +248,9 @@ class Engine:
         return [f.result() for f in futures]
 
     async def score_items(
-        self, items: Sequence[ItemLike], *, truncation: str, lane: Lane, ticket: Ticket, use_cache: bool = True
+        self, items: Sequence[ItemLike], *, truncation: str, lane: Lane, ticket: Ticket, use_cache: bool = True,
+        groups: Sequence[Sequence[int]] = (),
     ) -> list[ScoredItem]:
         encoded = await self.encode(items, truncation)
-        rows = await self.score_ids([e.ids for e in encoded], lane, ticket, use_cache)
+        rows = await self.score_ids([e.ids for e in encoded], lane, ticket, use_cache, groups)
         return [ScoredItem(row, len(e.ids), e.truncated, cached) for e, (row, cached) in zip(encoded, rows)]

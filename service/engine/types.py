@@ -7,6 +7,8 @@ import time
 from dataclasses import dataclass, field
 from enum import IntEnum
 
+from service.models.units import Unit, unit_tokens
+
 
 class Lane(IntEnum):
     """Priority lanes: a batch takes every waiting interactive item before any bulk item."""
@@ -27,7 +29,7 @@ class Ticket:
 
 @dataclass(eq=False, slots=True)
 class WorkItem:
-    ids: list[int]
+    work: Unit  # a token-id sequence, or a shared-prefix group (its future then holds one row per member)
     lane: Lane
     tickets: list[Ticket]  # every request waiting for this item (single-flight adds to it)
     future: asyncio.Future
@@ -35,7 +37,7 @@ class WorkItem:
 
     @property
     def tokens(self) -> int:
-        return len(self.ids)
+        return unit_tokens(self.work)
 
     @property
     def dead(self) -> bool:

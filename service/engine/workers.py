@@ -10,15 +10,15 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 from service.engine.types import WorkItem
-from service.errors import BackendError
-from service.models.hf_backend import HFBackend
+from service.errors import BackendError, bug
+from service.models.units import Shared, unit_rows
 from service.monitoring.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
 
 class Worker:
-    def __init__(self, backend: HFBackend):
+    def __init__(self, backend):  # an HFBackend or a PackedBackend
         self.backend = backend
         self.device = str(backend.device)
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"rs-{self.device}")
@@ -28,7 +28,7 @@ class Worker:
 
 
 class WorkerPool:
-    def __init__(self, backends: list[HFBackend], metrics: Metrics, model_name: str):
+    def __init__(self, backends: list, metrics: Metrics, model_name: str):
         self.workers = [Worker(b) for b in backends]
         self.metrics = metrics
         self.model = model_name
@@ -54,7 +54,7 @@ class WorkerPool:
         loop = asyncio.get_running_loop()
         start = time.perf_counter()
         try:
-            out = await loop.run_in_executor(worker.executor, worker.backend.score, [it.ids for it in batch])
+            out = await loop.run_in_executor(worker.executor, worker.backend.score, [it.work for it in batch])
         except Exception as exc:  # one failed batch fails its own items only
             log.exception("batch of %d items failed on %s", len(batch), worker.device)
             err = BackendError(f"inference failed on {worker.device}: {type(exc).__name__}: {exc}")
@@ -75,13 +75,18 @@ class WorkerPool:
         rate = out.real_tokens / max(elapsed, 1e-6)
         self.tokens_per_second = rate if self.tokens_per_second == 0 else 0.8 * self.tokens_per_second + 0.2 * rate
         rows = out.scores.tolist()
-        for it, row in zip(batch, rows):
+        start = 0
+        for it in batch:
+            n = unit_rows(it.work)
+            mine, start = rows[start : start + n], start + n
             if it.future.done():
                 continue
-            if all(math.isfinite(v) for v in row):
-                it.future.set_result(row)
+            if all(math.isfinite(v) for row in mine for v in row):
+                it.future.set_result(mine if isinstance(it.work, Shared) else mine[0])
             else:
-                it.future.set_exception(BackendError(f"model produced a non-finite score {row}"))
+                it.future.set_exception(BackendError(f"model produced a non-finite score {mine}"))
+        if start != len(rows):
+            raise bug(f"backend returned {len(rows)} rows for {start} expected.")
 
     async def close(self) -> None:
         for task in list(self._running):

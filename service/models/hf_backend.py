@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from service.models.pooling import last_token_index
+from service.models.units import Unit, flatten
 
 
 @dataclass(slots=True)
@@ -62,7 +63,9 @@ class HFBackend:
             self.pass_positions = "position_ids" in params
 
     @torch.inference_mode()
-    def score(self, batch: list[list[int]]) -> BatchOutput:
+    def score(self, units: list[Unit]) -> BatchOutput:
+        # no prefix sharing on this path: a group's members are scored as full sequences
+        batch = flatten(units)
         lengths = [len(ids) for ids in batch]
         out = torch.empty(len(batch), self.model.config.num_labels, dtype=torch.float32)
         computed = 0

@@ -67,6 +67,7 @@ class LoadedModel:
     max_length: int
     dtype: torch.dtype
     encoder: ItemEncoder
+    pad_token_id: int | None
     backend: str  # "packed" (the fast path) or "hf" (padded AutoModelForSequenceClassification)
     backends: list = field(default_factory=list)  # one HFBackend or PackedBackend per device
 
@@ -154,5 +155,5 @@ def load_model(settings: Settings) -> LoadedModel:
     return LoadedModel(
         name=settings.model_name, source=source, model_dir=model_dir, architecture=(archs or ["unknown"])[0],
         num_labels=config.num_labels, labels=labels, max_length=max_length, dtype=dtype, encoder=encoder,
-        backend=kind, backends=backends,
+        pad_token_id=pad_id, backend=kind, backends=backends,
     )

@@ -25,6 +25,8 @@ from kernels.rmsnorm import rmsnorm_torch, rmsnorm_triton
 from kernels.rope import rope_tables, rope_torch, rope_triton
 from kernels.swiglu import swiglu_torch, swiglu_triton
 from service.models.attention import packed_causal_attention
+from service.models.pooling import last_token_index
+from service.models.units import Shared, Unit
 
 FAMILIES = ("llama", "qwen2", "qwen3", "mistral")
 _ROPE_TYPES = ("default", "llama3", "linear", "yarn")
@@ -124,23 +126,40 @@ class Block(nn.Module):
 
 @dataclass
 class PackedBatch:
-    input_ids: torch.Tensor  # (T,) all tokens, sequences back to back
-    positions: torch.Tensor  # (T,) position within its own sequence
-    cu_seqlens: list[int]  # (B + 1,) start offsets, on the host (the CPU attention loops over them)
-    cu_seqlens_device: torch.Tensor  # the same as int32 on the device (varlen kernels)
-    max_len: int
-    last_idx: torch.Tensor  # (B,) packed index of each sequence's pooled token
+    """Segments back to back. A segment is a whole sequence, a shared prefix, or a response whose
+    attention also covers its parent prefix segment (positions continue after the prefix)."""
+
+    input_ids: torch.Tensor  # (T,) all tokens
+    positions: torch.Tensor  # (T,) position within its own sequence (a response continues its prefix)
+    cu_seqlens: list[int]  # (S + 1,) segment start offsets, on the host (the CPU attention loops over them)
+    parents: list[int]  # (S,) index of the prefix segment a segment attends to, or -1
+    last_idx: torch.Tensor  # (B,) packed index of each scored row's pooled token
+    device: torch.device
 
     @classmethod
-    def build(cls, seqs: list[list[int]], pool_offsets: list[int], device) -> "PackedBatch":
-        cu = [0]
-        for s in seqs:
-            cu.append(cu[-1] + len(s))
-        ids = torch.tensor([t for s in seqs for t in s], dtype=torch.long)
-        positions = torch.cat([torch.arange(len(s)) for s in seqs])
-        last = torch.tensor([cu[i] + p for i, p in enumerate(pool_offsets)], dtype=torch.long)
-        return cls(ids.to(device), positions.to(device), cu, torch.tensor(cu, dtype=torch.int32, device=device),
-                   max(len(s) for s in seqs), last.to(device))
+    def build(cls, units: list[Unit], pad_token_id: int | None, device) -> "PackedBatch":
+        ids: list[int] = []
+        positions: list[torch.Tensor] = []
+        cu, parents, last = [0], [], []
+
+        def segment(tokens: list[int], start_pos: int, parent: int) -> int:
+            ids.extend(tokens)
+            positions.append(torch.arange(start_pos, start_pos + len(tokens)))
+            cu.append(cu[-1] + len(tokens))
+            parents.append(parent)
+            return len(parents) - 1
+
+        for u in units:
+            if isinstance(u, Shared):
+                p = segment(u.prefix, 0, -1)
+                for suffix, pool in zip(u.suffixes, u.pools):
+                    seg = segment(suffix, len(u.prefix), p)
+                    last.append(cu[seg] + pool)
+            else:
+                seg = segment(u, 0, -1)
+                last.append(cu[seg] + last_token_index(u, pad_token_id))
+        return cls(torch.tensor(ids, dtype=torch.long, device=device), torch.cat(positions).to(device), cu,
+                   parents, torch.tensor(last, dtype=torch.long, device=device), torch.device(device))
 
 
 class PackedRewardModel(nn.Module):

@@ -8,7 +8,7 @@ import torch
 
 from service.models.hf_backend import BatchOutput
 from service.models.packed import PackedBatch, PackedRewardModel
-from service.models.pooling import last_token_index
+from service.models.units import Unit
 
 
 def rotary_parameters(hf_config) -> tuple[torch.Tensor, float]:
@@ -32,9 +32,8 @@ class PackedBackend:
         self.pad_token_id = pad_token_id
 
     @torch.inference_mode()
-    def score(self, batch: list[list[int]]) -> BatchOutput:
-        pools = [last_token_index(s, self.pad_token_id) for s in batch]
-        packed = PackedBatch.build(batch, pools, self.device)
-        scores = self.model(packed).float().cpu()  # (B, K)
+    def score(self, batch: list[Unit]) -> BatchOutput:
+        packed = PackedBatch.build(batch, self.pad_token_id, self.device)
+        scores = self.model(packed).float().cpu()  # (rows, K)
         tokens = packed.cu_seqlens[-1]
         return BatchOutput(scores, tokens, tokens)

@@ -100,6 +100,14 @@ class Metrics:
             "rewardserve_singleflight_shared_items", "Items that joined an identical item already being computed.",
             ["model"], registry=r,
         )
+        self.prefix_saved_tokens = Counter(
+            "rewardserve_prefix_saved_tokens", "Tokens not computed because a group's shared prompt ran once.",
+            ["model"], registry=r,
+        )
+        self.prefix_fallback = Counter(
+            "rewardserve_prefix_fallback_items", "Group members scored alone because they pool inside the prefix.",
+            ["model"], registry=r,
+        )
         self.ready = Gauge("rewardserve_ready", "1 once the model is loaded and warmed up.", ["model"], registry=r)
 
     def render(self) -> bytes:

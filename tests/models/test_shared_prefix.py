@@ -1,0 +1,40 @@
+"""Shared-prefix execution on the packed path equals scoring each (prompt + response) on its own."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+from transformers import AutoModelForSequenceClassification
+
+from service.config import Settings
+from service.models.loading import load_model
+from service.models.units import Shared
+from tests.models.test_parity import TOL, _hf_alone
+
+FAMILIES = ("llama", "qwen2", "qwen3", "mistral")
+
+
+@pytest.mark.parametrize("arch", FAMILIES)
+@pytest.mark.parametrize("prefix_len,suffix_lens", [(40, [1, 2, 90, 7, 200]), (120, [3]), (5, [60, 1, 33])],
+                         ids=["mixed", "n1", "short-prefix"])
+def test_shared_units_equal_full_sequences_and_hf(tiny_ckpt, arch, prefix_len, suffix_lens):
+    path = tiny_ckpt(arch)
+    loaded = load_model(Settings(model=str(path), warmup=False, backend="packed"))
+    backend = loaded.backends[0]
+    rng = random.Random(prefix_len + len(suffix_lens))
+    pad = loaded.pad_token_id
+    vocab = [t for t in range(loaded.encoder.vocab_size) if t != pad]
+    prefix = [rng.choice(vocab) for _ in range(prefix_len)]
+    suffixes = [[rng.choice(vocab) for _ in range(n)] for n in suffix_lens]
+    full = [prefix + s for s in suffixes]
+    plain_extra = [rng.choice(vocab) for _ in range(77)]  # a plain sequence riding in the same batch
+    shared = Shared(prefix, suffixes, [len(s) - 1 for s in suffixes])
+    out = backend.score([plain_extra, shared, plain_extra[:10]])
+    assert out.scores.shape[0] == len(suffixes) + 2
+    assert out.computed_positions == len(plain_extra) + shared.tokens + 10
+    alone = backend.score(full).scores
+    assert (out.scores[1:-1] - alone).abs().max().item() <= 1e-5
+    hf = AutoModelForSequenceClassification.from_pretrained(path).eval()
+    assert (out.scores[1:-1] - _hf_alone(hf, full)).abs().max().item() <= TOL
+    assert (out.scores[[0, -1]] - _hf_alone(hf, [plain_extra, plain_extra[:10]])).abs().max().item() <= TOL
