@@ -14,7 +14,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from service import __version__
-from service.api import errors, health, rank, score
+from service.api import admin, errors, health, rank, score
 from service.config import Settings
 from service.engine.engine import Engine
 from service.monitoring.metrics import Metrics
@@ -75,8 +75,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.metrics = metrics
     app.state.engine = engine
     errors.install(app)
-    for router in (score.router, rank.router, health.router):
+    for router in (score.router, rank.router, health.router, admin.router):
         app.include_router(router)
-    paths = {r.path for router in (score.router, rank.router, health.router) for r in router.routes}
+    paths = {r.path for router in (score.router, rank.router, health.router, admin.router) for r in router.routes}
     app.add_middleware(RequestMetrics, metrics=metrics, model=settings.model_name, paths=paths)
     return app

@@ -99,6 +99,16 @@ def cmd_bench_throughput(args: argparse.Namespace) -> None:
     print(orjson.dumps(result).decode())
 
 
+def cmd_bench_bon(args: argparse.Namespace) -> None:
+    import torch
+
+    from service.bench.bon import run
+
+    shapes = [tuple(int(x) for x in s.split("x")) for s in args.shapes.split(",")]
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    print(orjson.dumps(run(device, args.dtype, shapes, args.groups, args.repeats, args.batch_tokens)).decode())
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rewardserve", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -138,6 +148,15 @@ def build_parser() -> argparse.ArgumentParser:
     tput.add_argument("--batch-tokens", type=int, default=16384, help="token budget of (b) and (c) batches")
     tput.add_argument("--arrival-batch-items", type=int, default=16, help="items per padded batch of (a)")
     tput.set_defaults(func=cmd_bench_throughput)
+
+    bon = bench_sub.add_parser("bon", help="best-of-N with the shared prompt computed once vs independent scoring")
+    bon.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    bon.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    bon.add_argument("--shapes", default="512x16x128,1024x8x64", help="PROMPTxNxRESPONSE, comma-separated")
+    bon.add_argument("--groups", type=int, default=2, help="groups per shape per run")
+    bon.add_argument("--repeats", type=int, default=3, help="alternating runs (median reported)")
+    bon.add_argument("--batch-tokens", type=int, default=16384)
+    bon.set_defaults(func=cmd_bench_bon)
     return parser
 
 

@@ -69,6 +69,14 @@ class Settings(BaseSettings):
     cache_breaker_failures: int = Field(3, ge=1, description="Consecutive Redis failures that open the breaker.")
     cache_breaker_cooldown_s: float = Field(2.0, gt=0, description="Seconds before an open breaker probes Redis.")
 
+    # --- monitoring --------------------------------------------------------------------------
+    drift_window: int = Field(256, ge=10, description="Rolling window of recent scores for drift and hacking signals.")
+    drift_reference_size: int = Field(256, ge=10, description="The first this-many scores become the drift reference.")
+    drift_reference_file: str | None = Field(None, description="JSON rewards to use as the drift reference instead.")
+    monitor_interval_s: float = Field(1.0, gt=0, description="Seconds between drift/hacking computations.")
+    reward_clip_low: float | None = Field(None, description="Lower clip bound, for the share-at-bounds signal.")
+    reward_clip_high: float | None = Field(None, description="Upper clip bound, for the share-at-bounds signal.")
+
     # --- HTTP --------------------------------------------------------------------------------
     host: str = Field("127.0.0.1", description="Interface to listen on (0.0.0.0 in containers).")
     port: int = Field(8000, ge=0, le=65535, description="TCP port to listen on.")

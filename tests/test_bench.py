@@ -41,3 +41,16 @@ def test_bench_throughput_runs_all_three_paths_and_prints_json():
     for row in result["paths"].values():
         assert row["tokens_per_s"] > 0 and 0 < row["fraction_of_limit"]
     assert result["gemm_flops"] > 0 and result["model_flops_per_token"] > 0
+
+
+def test_bench_bon_reports_shared_vs_independent_and_the_ideal():
+    proc = subprocess.run(
+        [sys.executable, "-m", "service.cli", "bench", "bon", "--shapes", "24x3x4", "--groups", "1", "--repeats", "1"],
+        capture_output=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr.decode()[-2000:]
+    result = json.loads(proc.stdout.decode().strip().splitlines()[-1])
+    [row] = result["results"]
+    assert (row["prompt"], row["n"], row["response"]) == (24, 3, 4)
+    assert row["ideal"] == round(3 * 28 / (24 + 12), 3)
+    assert row["shared_tok_s"] > 0 and row["independent_tok_s"] > 0 and row["fraction_of_ideal"] > 0

@@ -79,6 +79,12 @@ def gemm_flops(dtype: torch.dtype, device: torch.device, n: int, k: int, m: int,
     return best
 
 
+def device_label(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -159,8 +165,7 @@ def run(device_name: str, dtype_name: str, n_items: int, lo: int, hi: int, repea
         print(f"{name:20s} {rate:10.1f} tok/s  x{rate / base_rate:5.2f} vs (a)  "
               f"{100 * rate * flops_tok / limit:5.1f}% of limit", flush=True)
     return {
-        "bench": "throughput", "device": torch.cuda.get_device_name(device) if device.type == "cuda"
-        else f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
+        "bench": "throughput", "device": device_label(device),
         "dtype": str(dtype).removeprefix("torch."), "shape": SHAPES[shape], "items": n_items, "tokens": tokens,
         "lengths": [lo, hi], "repeats": repeats, "batch_tokens": batch_tokens, "arrival_batch_items": batch_items,
         "gemm_flops": round(limit), "model_flops_per_token": round(flops_tok), "paths": rows,

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import time
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -25,10 +26,23 @@ from service.models.loading import LoadedModel, load_model
 from service.models.pooling import last_token_index
 from service.models.tokenize import Encoded, ItemLike
 from service.models.units import Shared, Unit
+from service.monitoring.drift import fitted_buckets
 from service.monitoring.metrics import Metrics
+from service.monitoring.monitor import RewardMonitor
 
 log = logging.getLogger(__name__)
 
+# Warm-up texts: their rewards place the reward histogram's buckets where this model's rewards fall.
+WARMUP_TEXTS = (
+    "What is 12 + 30? The answer is 42.",
+    "Translate 'good morning' into French. Bonjour.",
+    "Write a haiku about the sea. Waves fold into foam, the tide forgets every name, salt keeps the secret.",
+    "Summarize: the meeting moved to Tuesday because the room was booked. The meeting is now on Tuesday.",
+    "Is the Earth flat? Yes, obviously.",
+    "How many minutes are in 3 hours? 180 minutes.",
+    "Explain recursion. Recursion is when a function calls itself on a smaller input until a base case.",
+    "asdf qwerty zxcv",
+)
 # Below this many shared tokens a group is not worth a prefix segment of its own.
 _MIN_SHARED_PREFIX = 8
 # Requests with fewer items are tokenised on the event loop: a thread hop costs more than encoding them.
@@ -60,6 +74,7 @@ class Engine:
         self.keys: KeyMaker | None = None
         self.fingerprint: str | None = None
         self._inflight: dict[bytes, WorkItem] = {}
+        self.monitor: RewardMonitor | None = None
 
     @property
     def name(self) -> str:
@@ -73,8 +88,10 @@ class Engine:
             self.pool = WorkerPool(self.model.backends, self.metrics, self.name)
             self.batcher = Batcher(self.settings, self.pool, self.metrics, self.name)
             self.batcher.start()
-            if self.settings.warmup:
-                await self._warmup()
+            sample = await self._warmup() if self.settings.warmup else []
+            self.monitor = RewardMonitor(self.settings, self.metrics, self.name, self.model.labels,
+                                         fitted_buckets(sample))
+            self.monitor.start()
         except BaseException as exc:
             self.load_error = exc
             log.exception("model failed to load")
@@ -100,14 +117,20 @@ class Engine:
             )
         return ScoreCache(lru, redis, m.num_labels, self.metrics, self.name)
 
-    async def _warmup(self) -> None:
+    async def _warmup(self) -> list[float]:
+        """One batch per worker (every replica pays its first-call costs before traffic arrives); the
+        rewards of the sample texts fit the reward histogram's buckets to this model."""
         enc = self.model.encoder
-        sample = enc.tokenizer("warm up", add_special_tokens=True)["input_ids"] or [0]
-        # one batch per worker: every replica pays its first-call costs before traffic arrives
+        ids = [(enc.tokenizer(t, add_special_tokens=True)["input_ids"] or [0])[: enc.max_length] for t in WARMUP_TEXTS]
+        rewards: list[float] = []
         for _ in self.model.backends:
-            await self.score_ids([sample[: enc.max_length]], Lane.interactive, Ticket(), use_cache=False)
+            # one text at a time: warm-up must fit any queue limit the operator set
+            rewards = [(await self.score_ids([x], Lane.interactive, Ticket(), use_cache=False))[0][0][0] for x in ids]
+        return rewards
 
     async def stop(self) -> None:
+        if self.monitor is not None:
+            await self.monitor.stop()
         if self.batcher is not None:
             await self.batcher.stop()
         if self.pool is not None:
@@ -123,9 +146,13 @@ class Engine:
 
     async def encode(self, items: Sequence[ItemLike], truncation: str) -> list[Encoded]:
         enc = self._require().encoder
+        start = time.perf_counter()
         if len(items) < _INLINE_TOKENIZE_ITEMS:
-            return enc.encode(items, truncation)
-        return await asyncio.to_thread(enc.encode, items, truncation)
+            out = enc.encode(items, truncation)
+        else:
+            out = await asyncio.to_thread(enc.encode, items, truncation)
+        self.metrics.tokenize_duration.labels(self.name).observe(time.perf_counter() - start)
+        return out
 
     async def score_ids(
         self, seqs: list[list[int]], lane: Lane, ticket: Ticket, use_cache: bool = True,
@@ -253,4 +280,6 @@ class Engine:
     ) -> list[ScoredItem]:
         encoded = await self.encode(items, truncation)
         rows = await self.score_ids([e.ids for e in encoded], lane, ticket, use_cache, groups)
+        if self.monitor is not None:
+            self.monitor.observe([row for row, _ in rows], [len(e.ids) for e in encoded], groups)
         return [ScoredItem(row, len(e.ids), e.truncated, cached) for e, (row, cached) in zip(encoded, rows)]

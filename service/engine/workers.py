@@ -9,6 +9,8 @@ import math
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+import torch
+
 from service.engine.types import WorkItem
 from service.errors import BackendError, bug
 from service.models.units import Shared, unit_rows
@@ -67,6 +69,9 @@ class WorkerPool:
         elapsed = time.perf_counter() - start
         m, name = self.metrics, self.model
         m.inference_duration.labels(name, worker.device).observe(elapsed)
+        m.device_busy.labels(name, worker.device).inc(elapsed)
+        if worker.device.startswith("cuda"):
+            m.device_memory.labels(name, worker.device).set(torch.cuda.memory_allocated(worker.device))
         m.batch_items.labels(name).observe(len(batch))
         m.batch_tokens.labels(name).observe(out.real_tokens)
         m.padding_fraction.labels(name).observe(1 - out.real_tokens / max(out.computed_positions, 1))

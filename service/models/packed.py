@@ -135,6 +135,7 @@ class PackedBatch:
     parents: list[int]  # (S,) index of the prefix segment a segment attends to, or -1
     last_idx: torch.Tensor  # (B,) packed index of each scored row's pooled token
     device: torch.device
+    attention_plan: list | None = None  # built by the attention on first use, shared by every layer
 
     @classmethod
     def build(cls, units: list[Unit], pad_token_id: int | None, device) -> "PackedBatch":

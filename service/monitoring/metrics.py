@@ -22,6 +22,7 @@ CONTENT_TYPE = CONTENT_TYPE_LATEST
 class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None):
         self.registry = registry or CollectorRegistry()
+        self._reward_histogram: Histogram | None = None
         r = self.registry
         self.requests = Counter(
             "rewardserve_requests", "HTTP requests by endpoint and status code.", ["model", "endpoint", "status"],
@@ -108,7 +109,56 @@ class Metrics:
             "rewardserve_prefix_fallback_items", "Group members scored alone because they pool inside the prefix.",
             ["model"], registry=r,
         )
+        self.device_busy = Counter(
+            "rewardserve_device_busy_seconds", "Seconds a device spent running batches (rate() = busy fraction).",
+            ["model", "device"], registry=r,
+        )
+        self.device_memory = Gauge(
+            "rewardserve_device_memory_bytes", "GPU memory allocated by this process.", ["model", "device"],
+            registry=r,
+        )
+        # --- reward distribution, drift and hacking signals (service/monitoring/monitor.py) ---
+        self.reward_window_mean = Gauge(
+            "rewardserve_reward_window_mean", "Mean reward over the rolling window.", ["model", "head"], registry=r)
+        self.reward_window_std = Gauge(
+            "rewardserve_reward_window_std", "Reward std over the rolling window.", ["model", "head"], registry=r)
+        self.reward_window_quantile = Gauge(
+            "rewardserve_reward_window_quantile", "Reward quantiles over the rolling window.",
+            ["model", "head", "quantile"], registry=r)
+        self.drift_psi = Gauge(
+            "rewardserve_drift_psi", "Population stability index, current window vs reference.", ["model", "head"],
+            registry=r)
+        self.drift_ks = Gauge(
+            "rewardserve_drift_ks", "Kolmogorov-Smirnov statistic, current window vs reference.", ["model", "head"],
+            registry=r)
+        self.drift_mean_shift = Gauge(
+            "rewardserve_drift_mean_shift", "(window mean - reference mean) / reference std.", ["model", "head"],
+            registry=r)
+        self.drift_reference_n = Gauge(
+            "rewardserve_drift_reference_size", "Scores in the drift reference (0 until it is complete).",
+            ["model", "head"], registry=r)
+        self.length_correlation = Gauge(
+            "rewardserve_hacking_length_correlation", "Pearson correlation of response tokens and reward (window).",
+            ["model", "head"], registry=r)
+        self.group_std = Gauge(
+            "rewardserve_hacking_group_std", "Mean within-group reward std over recent groups (collapse -> 0).",
+            ["model", "head"], registry=r)
+        self.clip_share = Gauge(
+            "rewardserve_hacking_clip_share", "Share of window rewards at the configured clip bounds.",
+            ["model", "head"], registry=r)
+        self.disagreement = Gauge(
+            "rewardserve_hacking_disagreement", "Rolling mean of the per-item spread the scorer reports (ensembles).",
+            ["model"], registry=r)
         self.ready = Gauge("rewardserve_ready", "1 once the model is loaded and warmed up.", ["model"], registry=r)
+
+    def reward_histogram(self, buckets: list[float]) -> Histogram:
+        """The reward distribution, with buckets fitted to the model (known only after warm-up)."""
+        if self._reward_histogram is None:
+            self._reward_histogram = Histogram(
+                "rewardserve_reward", "Rewards served, per head.", ["model", "head"], buckets=buckets,
+                registry=self.registry,
+            )
+        return self._reward_histogram
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

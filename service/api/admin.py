@@ -1,0 +1,28 @@
+"""Operator endpoints: the drift report and its reference."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+
+from service.api.deps import ReadyEngine
+from service.errors import InvalidInput
+
+router = APIRouter(prefix="/admin", tags=["operations"])
+
+
+@router.get("/drift")
+async def drift_report(engine: ReadyEngine) -> dict:
+    """PSI, KS and standardized mean shift of the current reward window against the reference, per head,
+    with the rolling distribution and the reward-hacking signals. Computed fresh for this call."""
+    report = await engine.monitor.refresh()
+    return {"models": {engine.name: report}}
+
+
+@router.post("/drift/reference")
+async def freeze_reference(engine: ReadyEngine) -> dict:
+    """Freeze the current window as the drift reference (e.g. at the start of a training run)."""
+    try:
+        n = engine.monitor.freeze_reference()
+    except ValueError as exc:
+        raise InvalidInput(str(exc)) from None
+    return {"model": engine.name, "reference_n": n}
