@@ -24,13 +24,13 @@ serve: install  ## serve the embedded default model on http://127.0.0.1:8000
 	$(BIN)/rewardserve serve $(ARGS)
 
 # System packages the tests drive for real; apt only runs when one is missing.
-SYSTEM_TOOLS := redis-server
+SYSTEM_TOOLS := redis-server prometheus
 system-deps:
 	@missing=""; for t in $(SYSTEM_TOOLS); do command -v $$t >/dev/null || missing="$$missing $$t"; done; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing:$$missing"; \
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
-	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $$missing >/dev/null; \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
 	fi
 
 test: install system-deps  ## install everything the tests need, then run the whole suite

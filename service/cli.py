@@ -20,6 +20,7 @@ import orjson
 from pydantic import ValidationError
 
 from service.config import Settings
+from service.drift_cli import add_arguments as add_drift_arguments
 
 
 def _is_bool(annotation: Any) -> bool:
@@ -109,6 +110,12 @@ def cmd_bench_bon(args: argparse.Namespace) -> None:
     print(orjson.dumps(run(device, args.dtype, shapes, args.groups, args.repeats, args.batch_tokens)).decode())
 
 
+def cmd_drift(args: argparse.Namespace) -> None:
+    from service.drift_cli import run
+
+    raise SystemExit(run(args))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rewardserve", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -126,6 +133,10 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     add_settings_flags(score)
     score.set_defaults(func=cmd_score)
+
+    drift = sub.add_parser("drift", help="print a running server's drift report; plot reference vs current rewards")
+    add_drift_arguments(drift)
+    drift.set_defaults(func=cmd_drift)
 
     bench = sub.add_parser("bench", help="benchmarks; each prints a table and a final JSON line")
     bench_sub = bench.add_subparsers(dest="bench", required=True)
