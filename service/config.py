@@ -70,6 +70,7 @@ class Settings(BaseSettings):
     cache_breaker_cooldown_s: float = Field(2.0, gt=0, description="Seconds before an open breaker probes Redis.")
 
     # --- monitoring --------------------------------------------------------------------------
+    monitoring: bool = Field(True, description="Reward distribution, drift and hacking monitors (off: none of them).")
     drift_window: int = Field(256, ge=10, description="Rolling window of recent scores for drift and hacking signals.")
     drift_reference_size: int = Field(256, ge=10, description="The first this-many scores become the drift reference.")
     drift_reference_file: str | None = Field(None, description="JSON rewards to use as the drift reference instead.")

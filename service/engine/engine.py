@@ -89,9 +89,10 @@ class Engine:
             self.batcher = Batcher(self.settings, self.pool, self.metrics, self.name)
             self.batcher.start()
             sample = await self._warmup() if self.settings.warmup else []
-            self.monitor = RewardMonitor(self.settings, self.metrics, self.name, self.model.labels,
-                                         fitted_buckets(sample))
-            self.monitor.start()
+            if self.settings.monitoring:
+                self.monitor = RewardMonitor(self.settings, self.metrics, self.name, self.model.labels,
+                                             fitted_buckets(sample))
+                self.monitor.start()
         except BaseException as exc:
             self.load_error = exc
             log.exception("model failed to load")

@@ -124,3 +124,11 @@ def test_admin_drift_endpoints(tiny_ckpt):
         text = c.get("/metrics").text
         assert 'rewardserve_reward_bucket{' in text and "rewardserve_drift_psi{" in text
         assert "rewardserve_tokenize_duration_seconds_count" in text
+
+
+def test_monitoring_can_be_turned_off(tiny_ckpt):
+    with serve(Settings(model=str(tiny_ckpt("llama")), monitoring=False, max_wait_ms=1)) as s, s.client() as c:
+        assert c.post("/v1/score", json={"items": [{"text": "x"}]}).status_code == 200
+        r = c.get("/admin/drift")
+        assert r.status_code == 404 and r.json()["error"]["type"] == "monitoring_off"
+        assert "rewardserve_reward_bucket" not in c.get("/metrics").text
