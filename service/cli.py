@@ -116,6 +116,11 @@ def cmd_drift(args: argparse.Namespace) -> None:
     raise SystemExit(run(args))
 
 
+def _device_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rewardserve", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -150,8 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
     cache.set_defaults(func=cmd_bench_cache)
 
     tput = bench_sub.add_parser("throughput", help="HF padded (arrival order, length-sorted) vs the packed fast path")
-    tput.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
-    tput.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    _device_flags(tput)
     tput.add_argument("--items", type=int, default=48, help="sequences in the workload")
     tput.add_argument("--min-len", type=int, default=32)
     tput.add_argument("--max-len", type=int, default=1024)
@@ -161,8 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
     tput.set_defaults(func=cmd_bench_throughput)
 
     bon = bench_sub.add_parser("bon", help="best-of-N with the shared prompt computed once vs independent scoring")
-    bon.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
-    bon.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    _device_flags(bon)
     bon.add_argument("--shapes", default="512x16x128,1024x8x64", help="PROMPTxNxRESPONSE, comma-separated")
     bon.add_argument("--groups", type=int, default=2, help="groups per shape per run")
     bon.add_argument("--repeats", type=int, default=3, help="alternating runs (median reported)")

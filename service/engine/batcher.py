@@ -14,6 +14,7 @@ import math
 import time
 from collections import deque
 
+from service.aio import cancel_and_wait
 from service.config import Settings
 from service.engine.types import Lane, Ticket, WorkItem
 from service.engine.workers import WorkerPool
@@ -71,12 +72,7 @@ class Batcher:
         self._task = asyncio.get_running_loop().create_task(self._loop(), name="rewardserve-batcher")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
+        await cancel_and_wait(self._task)
 
     async def _loop(self) -> None:
         while True:

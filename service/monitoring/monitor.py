@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
+from service.aio import cancel_and_wait
 from service.config import Settings
 from service.monitoring import drift
 from service.monitoring.metrics import Metrics
@@ -91,12 +92,7 @@ class RewardMonitor:
         self._task = asyncio.get_running_loop().create_task(self._loop(), name="rewardserve-monitor")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
+        await cancel_and_wait(self._task)
 
     async def _loop(self) -> None:
         while True:
