@@ -79,13 +79,13 @@ CONVERSIONS = [
     ("centimeter", "centimeters", "cm", "millimeters", "mm", 10, [100], 99),
     ("kilogram", "kilograms", "kg", "grams", "g", 1000, [100], 99),
     ("liter", "liters", "L", "milliliters", "mL", 1000, [100], 99),
-    ("hour", "hours", "h", "minutes", "min", 60, [100, 24], 99),
-    ("minute", "minutes", "min", "seconds", "s", 60, [100], 99),
-    ("day", "days", "days", "hours", "hours", 24, [12, 60], 40),
-    ("week", "weeks", "weeks", "days", "days", 7, [5, 10], 99),
-    ("dozen", "dozen", "dozen", "items", "items", 12, [10, 6], 60),
-    ("foot", "feet", "ft", "inches", "in", 12, [10], 60),
-    ("year", "years", "years", "months", "months", 12, [10], 60),
+    ("hour", "hours", "h", "minutes", "min", 60, [100, 24], 24),
+    ("minute", "minutes", "min", "seconds", "s", 60, [100], 24),
+    ("day", "days", "days", "hours", "hours", 24, [12, 60], 12),
+    ("week", "weeks", "weeks", "days", "days", 7, [5, 10], 20),
+    ("dozen", "dozen", "dozen", "items", "items", 12, [10, 6], 20),
+    ("foot", "feet", "ft", "inches", "in", 12, [10], 20),
+    ("year", "years", "years", "months", "months", 12, [10], 20),
 ]
 
 
@@ -115,7 +115,7 @@ def rand_int(rng, digits):
 
 def sample_operands(rng, category):
     if category in ("add", "sub"):
-        a, b = (rand_int(rng, rng.choice([1, 2, 2, 2, 3])) for _ in range(2))
+        a, b = (rand_int(rng, rng.choice([1, 2, 2, 2, 2])) for _ in range(2))
         return (max(a, b), min(a, b)) if category == "sub" else (a, b)
     if category == "mul":  # mostly 2-digit x 1-digit, some 1x1, random order
         a, b = (rng.randint(10, 99) if rng.random() < 0.8 else rng.randint(2, 9)), rng.randint(2, 9)
@@ -158,7 +158,7 @@ def no_carry(a, b, op):
 
 
 def near_miss(p, rng):
-    """A plausible but wrong answer: +-1/2/10/100, swapped digits, wrong operation, carry slip."""
+    """A plausible but wrong answer and its kind: +-1/2/10/100, swapped digits, wrong operation, carry slip."""
     c = p.answer
     while True:
         kind = rng.choice(["pm1", "pm2", "pm10", "pm100", "swap", "wrong_op", "carry"])
@@ -186,26 +186,36 @@ def near_miss(p, rng):
         else:
             w = c + rng.choice([-1, 1]) * rng.choice([10, 100])
         if w >= 0 and w != c:
-            return w
+            return w, kind
 
 
-def render(style, n, p):
-    return style.format(n=n, u=p.unit, expr=p.expr)
+class Pair(tuple):
+    """A preference pair. Unpacks as (prompt, chosen, rejected, category); .answer (the correct number), .wrong
+    (the near miss) and .kind (which near miss) ride along for the auxiliary losses and the report."""
+
+    def __new__(cls, prompt, chosen, rejected, category, answer, wrong, kind):
+        pair = super().__new__(cls, (prompt, chosen, rejected, category))
+        pair.answer, pair.wrong, pair.kind = answer, wrong, kind
+        return pair
+
+    prompt, chosen, rejected, category = (property(lambda self, i=i: self[i]) for i in range(4))
 
 
 def make_pair(rng, split="train", phrasing="train", styles="train", category=None):
     """One preference pair; chosen/rejected share an answer style 85% of the time."""
     p = make_problem(rng, category or rng.choice(CATEGORIES), split, phrasing)
+    wrong, kind = near_miss(p, rng)
     s_chosen = rng.choice(STYLES[styles])
     s_rejected = s_chosen if rng.random() < 0.85 else rng.choice(STYLES[styles])
-    return p.prompt, render(s_chosen, p.answer, p), render(s_rejected, near_miss(p, rng), p), p.category
+    fmt = lambda style, n: style.format(n=n, u=p.unit, expr=p.expr)  # noqa: E731
+    return Pair(p.prompt, fmt(s_chosen, p.answer), fmt(s_rejected, wrong), p.category, p.answer, wrong, kind)
 
 
 # ----------------------------------------------------------------------------- tokenizer
 def build_tokenizer(seed, n_texts=20000, vocab_size=1024):
     """Byte-level BPE with single-digit pre-tokenization, trained on training-split generator text."""
     rng = random.Random(seed)
-    texts = [t for _ in range(n_texts) for t in make_pair(rng)[:3]]
+    texts = [t for _ in range(n_texts) for pair in [make_pair(rng)] for t in (pair.prompt, pair.chosen, pair.rejected)]
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Sequence(
         [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)])
@@ -232,35 +242,69 @@ def encode(tokenizer, prompts, responses):
 # ----------------------------------------------------------------------------- model, training, eval
 def build_model(tokenizer):
     cfg = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=192, intermediate_size=512, num_hidden_layers=6,
+        vocab_size=len(tokenizer), hidden_size=192, intermediate_size=768, num_hidden_layers=4,
         num_attention_heads=6, num_key_value_heads=2, head_dim=32, max_position_embeddings=512,
         num_labels=1, pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id, tie_word_embeddings=False, torch_dtype="float32")
+        eos_token_id=tokenizer.eos_token_id, tie_word_embeddings=False)
     return LlamaForSequenceClassification(cfg)
 
 
-def rewards(model, tokenizer, prompts, chosen, rejected):
-    """Score chosen and rejected responses in one right-padded batch; returns (r_chosen, r_rejected)."""
-    enc = encode(tokenizer, prompts + prompts, chosen + rejected)
-    r = model(**enc).logits.squeeze(-1)
-    return r[: len(prompts)], r[len(prompts):]
+def score_pairs(model, tokenizer, pairs, hidden_states=False, bf16=False):
+    """Chosen then rejected responses in one right-padded batch -> (encoding, model output, r_chosen, r_rejected).
+    Training uses bf16 autocast for speed (weights stay fp32); evaluation runs in plain fp32 like the service."""
+    enc = encode(tokenizer, [p.prompt for p in pairs] * 2, [p.chosen for p in pairs] + [p.rejected for p in pairs])
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        out = model(**enc, output_hidden_states=hidden_states)
+    r = out.logits.float().squeeze(-1)
+    return enc, out, r[: len(pairs)], r[len(pairs):]
+
+
+class AuxHeads(torch.nn.Module):
+    """Training-only heads on the backbone's final hidden states (never saved). Tiny models learn arithmetic far
+    faster with dense, place-value supervision than from the 1 bit per pair of the Bradley-Terry loss:
+      digits: at the prompt's <|assistant|> token, classify each digit of the correct answer (units first);
+      match:  at the scored last token, predict per place value whether the response's digit is correct;
+      lm:     next-token prediction on the chosen response."""
+
+    PLACES = 6
+
+    def __init__(self, hidden, vocab, assistant_id):
+        super().__init__()
+        self.assistant_id = assistant_id
+        self.digits = torch.nn.Linear(hidden, self.PLACES * 11)
+        self.match = torch.nn.Linear(hidden, self.PLACES)
+        self.lm = torch.nn.Linear(hidden, vocab, bias=False)
+
+    def place_digits(self, numbers):
+        """Units-first digits, 10 = no digit at that place."""
+        return torch.tensor([[ord(d) - 48 for d in str(n)[::-1][: self.PLACES].ljust(self.PLACES, ":")] for n in numbers])
+
+    def forward(self, h, enc, pairs):
+        n, ids, mask = len(pairs), enc["input_ids"], enc["attention_mask"]
+        rows = torch.arange(2 * n)
+        truth = self.place_digits([p.answer for p in pairs] * 2)
+        given = self.place_digits([p.answer for p in pairs] + [p.wrong for p in pairs])
+        at_assistant = h[rows[:n], (ids[:n] == self.assistant_id).int().argmax(1)]
+        loss_digits = F.cross_entropy(self.digits(at_assistant).view(-1, 11), truth[:n].reshape(-1))
+        loss_match = F.binary_cross_entropy_with_logits(self.match(h[rows, mask.sum(1) - 1]), (truth == given).float())
+        in_response = ((ids[:n] == self.assistant_id).cumsum(1) > 0)[:, :-1] & (mask[:n, 1:] == 1)
+        loss_lm = F.cross_entropy(self.lm(h[:n, :-1]).transpose(1, 2), ids[:n, 1:].masked_fill(~in_response, -100))
+        return loss_digits + loss_match + loss_lm
 
 
 @torch.no_grad()
 def evaluate(model, tokenizer, pairs, batch_size=128):
-    """Pairwise accuracy overall and per category."""
+    """Pairwise accuracy (reward(chosen) > reward(rejected)) overall, per category and per near-miss kind."""
     model.eval()
-    hits = {c: [] for c in CATEGORIES}
+    groups = {}
     for i in range(0, len(pairs), batch_size):
-        q, c, r, cat = zip(*pairs[i: i + batch_size])
-        rc, rr = rewards(model, tokenizer, list(q), list(c), list(r))
-        for k, ok in zip(cat, (rc > rr).tolist()):
-            hits[k].append(ok)
+        batch = pairs[i: i + batch_size]
+        _, _, rc, rr = score_pairs(model, tokenizer, batch)
+        for p, ok in zip(batch, (rc > rr).tolist()):
+            for key in ("overall", p.category, "kind:" + p.kind):
+                groups.setdefault(key, []).append(ok)
     model.train()
-    everything = [h for v in hits.values() for h in v]
-    out = {"overall": sum(everything) / len(everything), "n_pairs": len(everything)}
-    out.update({k: sum(v) / len(v) for k, v in hits.items() if v})
-    return out
+    return {"n_pairs": len(pairs), **{k: round(sum(v) / len(v), 4) for k, v in groups.items()}}
 
 
 def eval_sets(seed, per_category):
@@ -272,37 +316,48 @@ def eval_sets(seed, per_category):
             for name, (ph, st) in spec.items()}
 
 
-def train(model, tokenizer, args):
+def train(model, tokenizer, args, monitor=None):
+    """Bradley-Terry training (+ auxiliary heads), AdamW with linear warmup and cosine decay."""
     rng = random.Random(args.seed)
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.98), weight_decay=0.01)
+    aux = AuxHeads(model.config.hidden_size, len(tokenizer), tokenizer.convert_tokens_to_ids("<|assistant|>"))
+    params = list(model.parameters()) + list(aux.parameters())
+    opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.98), weight_decay=0.01)
     warmup = max(1, args.steps // 20)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup) * (
         0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(1.0, max(0, s - warmup) / max(1, args.steps - warmup))))))
     model.train()
-    run_loss, run_acc, t0 = 0.0, 0.0, time.time()
+    run_bt = run_aux = 0.0
+    run_acc, t0 = 0.5, time.time()
     for step in range(1, args.steps + 1):
-        q, c, r, _ = zip(*(make_pair(rng) for _ in range(args.batch_size)))
-        rc, rr = rewards(model, tokenizer, list(q), list(c), list(r))
-        loss = -F.logsigmoid(rc - rr).mean()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        pairs = [make_pair(rng) for _ in range(args.batch_size)]
+        enc, out, rc, rr = score_pairs(model, tokenizer, pairs, hidden_states=args.aux > 0, bf16=True)
+        loss_bt = -F.logsigmoid(rc - rr).mean()
+        loss_aux = aux(out.hidden_states[-1].float(), enc, pairs) if args.aux > 0 else torch.zeros(())
+        (loss_bt + args.aux * loss_aux).backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step(), sched.step(), opt.zero_grad(set_to_none=True)
-        run_loss = 0.98 * run_loss + 0.02 * loss.item() if step > 1 else loss.item()
-        run_acc = 0.98 * run_acc + 0.02 * (rc > rr).float().mean().item() if step > 1 else 0.5
+        decay = 0.98 if step > 1 else 0.0
+        run_bt = decay * run_bt + (1 - decay) * loss_bt.item()
+        run_aux = decay * run_aux + (1 - decay) * loss_aux.item()
+        run_acc = decay * run_acc + (1 - decay) * (rc > rr).float().mean().item()
         if step % args.log_every == 0 or step == args.steps:
-            print(f"step {step:5d}/{args.steps}  loss {run_loss:.4f}  acc {run_acc:.3f}  "
+            print(f"step {step:5d}/{args.steps}  bt-loss {run_bt:.4f}  aux-loss {run_aux:.3f}  acc {run_acc:.3f}  "
                   f"lr {sched.get_last_lr()[0]:.2e}  {time.time() - t0:6.0f}s", flush=True)
+        if monitor and args.eval_every and step % args.eval_every == 0:
+            print(f"  held-out test: {evaluate(model, tokenizer, monitor)}", flush=True)
     return time.time() - t0
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="service/assets/default-rm")
-    ap.add_argument("--steps", type=int, default=2400)
+    ap.add_argument("--steps", type=int, default=3000)
     ap.add_argument("--seed", type=int, default=1234)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--batch-size", type=int, default=64, help="preference pairs per step")
     ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--aux", type=float, default=1.0, help="weight of the training-only auxiliary losses (0 = off)")
+    ap.add_argument("--eval-every", type=int, default=0, help="monitor held-out test accuracy every N steps")
     ap.add_argument("--log-every", type=int, default=50)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -314,10 +369,9 @@ def main():
     model = build_model(tokenizer)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"vocab {len(tokenizer)}  params {n_params:,}", flush=True)
-    train_seconds = train(model, tokenizer, args)
-
-    sets = eval_sets(args.seed, {"test": 400, "heldout_phrasing": 200, "heldout_style": 200,
-                                 "heldout_phrasing_and_style": 200})
+    per_category = {"test": 400, "heldout_phrasing": 200, "heldout_style": 200, "heldout_phrasing_and_style": 200}
+    sets = eval_sets(args.seed, per_category)
+    train_seconds = train(model, tokenizer, args, monitor=sets["test"][::8])
     results = {name: evaluate(model, tokenizer, pairs) for name, pairs in sets.items()}
 
     out = Path(args.out)
@@ -330,10 +384,11 @@ def main():
         "heldout_style_accuracy": results["heldout_style"],
         "heldout_phrasing_and_style_accuracy": results["heldout_phrasing_and_style"],
         "train_pairs": args.steps * args.batch_size, "train_steps": args.steps, "batch_size": args.batch_size,
-        "learning_rate": args.lr, "train_seconds": round(train_seconds, 1),
+        "learning_rate": args.lr, "aux_loss_weight": args.aux, "train_seconds": round(train_seconds, 1),
         "total_seconds": round(time.time() - t_start, 1), "threads": args.threads,
-        "parameters": n_params, "vocab_size": len(tokenizer), "seed": args.seed,
-        "loss": "bradley-terry: -log sigmoid(r_chosen - r_rejected)",
+        "eval_per_category": per_category, "parameters": n_params, "vocab_size": len(tokenizer), "seed": args.seed,
+        "loss": "bradley-terry -log sigmoid(r_chosen - r_rejected) + aux_loss_weight * training-only auxiliary "
+                "heads (answer digits at <|assistant|>, per-digit correctness at the scored token, response LM)",
         "command": shlex.join(["python"] + sys.argv),
     }
     (out / "eval.json").write_text(json.dumps(report, indent=2) + "\n")
