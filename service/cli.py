@@ -147,7 +147,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench_sub = bench.add_subparsers(dest="bench", required=True)
     cache = bench_sub.add_parser("cache", help="100%% cache hits through HTTP vs the same server's /healthz")
     cache.add_argument("--model", default=None, help="checkpoint (default: the embedded model)")
-    cache.add_argument("--tiers", default="lru,redis", help="comma-separated: lru, redis")
+    cache.add_argument("--tiers", default="lru,redis",
+                       help="comma-separated: lru, redis, lru-nomon (LRU with the reward monitor off)")
     cache.add_argument("--redis-url", default=None, help="use this Redis (default: start a throwaway redis-server)")
     cache.add_argument("--duration", type=float, default=10.0, help="seconds of load per measurement")
     cache.add_argument("--concurrency", type=int, default=32, help="concurrent keep-alive connections")

@@ -47,9 +47,12 @@ def run(model: str | None, tiers: list[str], duration: float, concurrency: int, 
     score_reqs = [build_request("POST", "/v1/score", host, b) for b in bodies]
     health_reqs = [build_request("GET", "/healthz", host)]
     results = []
-    for tier in tiers:
+    for name in tiers:  # "lru", "redis", or e.g. "lru-nomon" (that tier with the reward monitor off)
+        tier = name.removesuffix("-nomon")
         with contextlib.ExitStack() as stack:
             args = ["--model", model] if model else []
+            if name.endswith("-nomon"):
+                args.append("--no-monitoring")
             if tier == "lru":
                 args += ["--lru-items", "100000"]
             else:
@@ -61,10 +64,10 @@ def run(model: str | None, tiers: list[str], duration: float, concurrency: int, 
                 raise RuntimeError(f"{tier}: warmed items are not served from cache")
             health = asyncio.run(run_load(host, port, health_reqs, concurrency=concurrency, duration=duration))
             hits = asyncio.run(run_load(host, port, score_reqs, concurrency=concurrency, duration=duration))
-        row = {"tier": tier, "healthz": health.summary(), "score_hits": hits.summary(),
+        row = {"tier": name, "healthz": health.summary(), "score_hits": hits.summary(),
                "hit_rps_vs_healthz": round(hits.rps / health.rps, 3) if health.rps else None}
         results.append(row)
-        print(f"{tier:6s} /healthz {health.rps:8.0f} req/s p50 {row['healthz']['p50_ms']:7.2f} ms "
+        print(f"{name:9s} /healthz {health.rps:8.0f} req/s p50 {row['healthz']['p50_ms']:7.2f} ms "
               f"p99 {row['healthz']['p99_ms']:7.2f} ms | /v1/score 100% hits {hits.rps:8.0f} req/s "
               f"p50 {row['score_hits']['p50_ms']:7.2f} ms p99 {row['score_hits']['p99_ms']:7.2f} ms "
               f"| ratio {row['hit_rps_vs_healthz']}", flush=True)
