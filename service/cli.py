@@ -107,7 +107,8 @@ def cmd_bench_bon(args: argparse.Namespace) -> None:
 
     shapes = [tuple(int(x) for x in s.split("x")) for s in args.shapes.split(",")]
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    print(orjson.dumps(run(device, args.dtype, shapes, args.groups, args.repeats, args.batch_tokens)).decode())
+    print(orjson.dumps(run(device, args.dtype, shapes, args.groups, args.repeats, args.batch_tokens,
+                           args.backend)).decode())
 
 
 def cmd_drift(args: argparse.Namespace) -> None:
@@ -171,6 +172,8 @@ def build_parser() -> argparse.ArgumentParser:
     bon.add_argument("--groups", type=int, default=2, help="groups per shape per run")
     bon.add_argument("--repeats", type=int, default=3, help="alternating runs (median reported)")
     bon.add_argument("--batch-tokens", type=int, default=16384)
+    bon.add_argument("--backend", choices=("packed", "hf"), default="packed",
+                     help="packed: tree-shaped batch; hf: padded HF model with the prompt's KV cache")
     bon.set_defaults(func=cmd_bench_bon)
     return parser
 

@@ -7,6 +7,8 @@ import shutil
 import subprocess
 import sys
 
+import pytest
+
 from tests.conftest import require_tool
 
 
@@ -43,13 +45,16 @@ def test_bench_throughput_runs_all_three_paths_and_prints_json():
     assert result["gemm_flops"] > 0 and result["model_flops_per_token"] > 0
 
 
-def test_bench_bon_reports_shared_vs_independent_and_the_ideal():
+@pytest.mark.parametrize("backend", ["packed", "hf"])
+def test_bench_bon_reports_shared_vs_independent_and_the_ideal(backend):
     proc = subprocess.run(
-        [sys.executable, "-m", "service.cli", "bench", "bon", "--shapes", "24x3x4", "--groups", "1", "--repeats", "1"],
+        [sys.executable, "-m", "service.cli", "bench", "bon", "--shapes", "24x3x4", "--groups", "1", "--repeats", "1",
+         "--backend", backend],
         capture_output=True, timeout=600,
     )
     assert proc.returncode == 0, proc.stderr.decode()[-2000:]
     result = json.loads(proc.stdout.decode().strip().splitlines()[-1])
+    assert result["backend"] == backend
     [row] = result["results"]
     assert (row["prompt"], row["n"], row["response"]) == (24, 3, 4)
     assert row["ideal"] == round(3 * 28 / (24 + 12), 3)

@@ -1,5 +1,6 @@
 """`rewardserve bench bon`: best-of-N groups scored with the shared prompt computed once, against the same
-groups scored as independent (prompt + response) sequences, on the packed path, in one run.
+groups scored as independent (prompt + response) sequences, on one backend (packed by default; `hf` runs
+the padded HF path, whose groups share the prompt through a KV cache), in one run.
 
 Throughput counts *logical* tokens, N*(P+R) per group, so the two paths are directly comparable; the
 ideal speed-up, if cost were proportional to computed tokens, is N*(P+R) / (P+N*R).
@@ -22,7 +23,7 @@ from service.models.units import Shared
 
 
 def run(device_name: str, dtype_name: str, shapes: list[tuple[int, int, int]], groups: int, repeats: int,
-        batch_tokens: int) -> dict:
+        batch_tokens: int, backend_kind: str = "packed") -> dict:
     device = torch.device(device_name)
     dtype = resolve_dtype(dtype_name, device)
     shape = "gpu" if device.type == "cuda" else "cpu"
@@ -30,9 +31,9 @@ def run(device_name: str, dtype_name: str, shapes: list[tuple[int, int, int]], g
         path = build_checkpoint(shape, max(p + r for p, _, r in shapes), Path(tmp))
         backend = load_model(Settings(model=str(path), dtype=str(dtype).removeprefix("torch."), devices=device_name,
                                       max_batch_tokens=batch_tokens, warmup=False, lru_items=0,
-                                      backend="packed")).backends[0]
+                                      backend=backend_kind)).backends[0]
     rng = random.Random(0)
-    vocab = backend.model.cfg.vocab_size
+    vocab = backend.model.config.vocab_size if backend_kind == "hf" else backend.model.cfg.vocab_size
     rows = []
     for prompt_len, n, resp_len in shapes:
         work = []
@@ -72,5 +73,6 @@ def run(device_name: str, dtype_name: str, shapes: list[tuple[int, int, int]], g
         rows.append(row)
         print(f"P={prompt_len:4d} N={n:3d} R={resp_len:4d}  shared {s:9.1f} tok/s  independent {i:9.1f} tok/s  "
               f"x{s / i:5.2f} (ideal x{ideal:5.2f}, {100 * s / i / ideal:5.1f}% of ideal)", flush=True)
-    return {"bench": "bon", "device": device_label(device), "dtype": str(dtype).removeprefix("torch."),
+    return {"bench": "bon", "backend": backend_kind, "device": device_label(device),
+            "dtype": str(dtype).removeprefix("torch."),
             "groups": groups, "repeats": repeats, "results": rows}

@@ -161,10 +161,11 @@ class Engine:
     ) -> list[tuple[list[float], bool]]:
         """(scores, cached) per sequence. Raises typed errors (429 overload, 503 backend).
 
-        `groups` lists indices of sequences that share a prompt: on the packed backend their common
-        token prefix is computed once and each member attends to it. With the cache on, hits come from
-        the LRU or Redis, and a plain item identical to one already being computed (by this request
-        or another) joins that computation (single-flight). Computed scores are stored on completion.
+        `groups` lists indices of sequences that share a prompt: on backends that can (packed: a
+        tree-shaped batch; HF decoders: a KV cache), their common token prefix is computed once and
+        each member attends to it. With the cache on, hits come from the LRU or Redis, and a plain
+        item identical to one already being computed (by this request or another) joins that
+        computation (single-flight). Computed scores are stored on completion.
         """
         self._require()
         cache = self.cache if use_cache else None
@@ -218,7 +219,7 @@ class Engine:
         construction exactly what each full tokenisation starts with, whatever a chat template or a
         BPE merge at the prompt/response boundary did.
         """
-        if len(seqs) < 2 or self.model.backend != "packed":
+        if len(seqs) < 2 or not all(b.shares_prefix for b in self.model.backends):
             return []
         n = min(len(s) for s in seqs) - 1  # every member keeps at least its last token
         p = 0

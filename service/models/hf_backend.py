@@ -8,10 +8,16 @@ called whole; their logits are HF's by construction.
 Padding is always on the right with explicit position ids 0..n-1, whatever the tokenizer's padding
 side: causal attention means real tokens never see the padding, and absolute-position models (GPT-2)
 see the same positions as when the item runs alone.
+
+Shared-prefix groups (best-of-N, GRPO groups) run their prompt once with a KV cache; each chunk of
+responses then runs as one right-padded batch against a copy of that cache repeated per row, with
+positions continuing after the prompt. Models whose backbone takes no cache (encoders) score the
+group's members as full sequences.
 """
 
 from __future__ import annotations
 
+import copy
 import inspect
 from dataclasses import dataclass
 
@@ -19,7 +25,7 @@ import torch
 from torch import nn
 
 from service.models.pooling import last_token_index
-from service.models.units import Unit, flatten
+from service.models.units import Shared, Unit, flatten
 
 
 @dataclass(slots=True)
@@ -57,24 +63,67 @@ class HFBackend:
         self.fill_id = self.pad_token_id if self.pad_token_id is not None else 0
         head = getattr(model, "score", None)
         self.last_token_head = isinstance(head, nn.Linear) and not getattr(model.config, "is_encoder_decoder", False)
+        self.shares_prefix = False
         if self.last_token_head:
             self.backbone = model.base_model
             params = inspect.signature(self.backbone.forward).parameters
             self.pass_positions = "position_ids" in params
+            self.shares_prefix = self.pass_positions and "past_key_values" in params and "use_cache" in params
 
     @torch.inference_mode()
     def score(self, units: list[Unit]) -> BatchOutput:
-        # no prefix sharing on this path: a group's members are scored as full sequences
-        batch = flatten(units)
-        lengths = [len(ids) for ids in batch]
-        out = torch.empty(len(batch), self.model.config.num_labels, dtype=torch.float32)
-        computed = 0
+        if not self.shares_prefix:
+            units = flatten(units)
+        rows, plain, row = [], [], 0  # rows: (first output row, Shared unit); plain: (output row, ids)
+        for u in units:
+            if isinstance(u, Shared):
+                rows.append((row, u))
+                row += len(u.suffixes)
+            else:
+                plain.append((row, u))
+                row += 1
+        out = torch.empty(row, self.model.config.num_labels, dtype=torch.float32)
+        computed = real = 0
+        lengths = [len(ids) for _, ids in plain]
         for group in plan_padded(lengths, self.max_batch_tokens):
-            seqs = [batch[i] for i in group]
+            seqs = [plain[i][1] for i in group]
             longest = max(lengths[i] for i in group)
             computed += longest * len(group)
-            out[group] = self._forward(seqs, longest)
-        return BatchOutput(out, computed, sum(lengths))
+            out[[plain[i][0] for i in group]] = self._forward(seqs, longest)
+        real += sum(lengths)
+        for first, unit in rows:
+            scores, positions = self._forward_shared(unit)
+            out[first: first + len(unit.suffixes)] = scores
+            computed += positions
+            real += unit.tokens
+        return BatchOutput(out, computed, real)
+
+    def _forward_shared(self, unit: Shared) -> tuple[torch.Tensor, int]:
+        """The prompt once with a cache, then the responses in padded chunks against copies of it."""
+        p = len(unit.prefix)
+        ids = torch.tensor([unit.prefix], dtype=torch.long, device=self.device)
+        prompt = self.backbone(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True,
+                               position_ids=torch.arange(p, device=self.device)[None])
+        scores = torch.empty(len(unit.suffixes), self.model.config.num_labels, dtype=torch.float32)
+        lengths = [len(s) for s in unit.suffixes]
+        computed = p
+        for group in plan_padded(lengths, self.max_batch_tokens):
+            n, longest = len(group), max(lengths[i] for i in group)
+            computed += n * longest
+            cache = copy.deepcopy(prompt.past_key_values)  # the forward below appends to the cache in place
+            cache.batch_repeat_interleave(n)
+            ids = torch.full((n, longest), self.fill_id, dtype=torch.long)
+            mask = torch.zeros((n, p + longest), dtype=torch.long)
+            mask[:, :p] = 1
+            for r, i in enumerate(group):
+                ids[r, : lengths[i]] = torch.tensor(unit.suffixes[i], dtype=torch.long)
+                mask[r, p: p + lengths[i]] = 1
+            positions = torch.arange(p, p + longest, device=self.device).expand(n, longest)
+            hidden = self.backbone(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
+                                   position_ids=positions, past_key_values=cache, use_cache=True).last_hidden_state
+            pos = torch.tensor([unit.pools[i] for i in group], device=self.device)
+            scores[group] = self.model.score(hidden[torch.arange(n, device=self.device), pos]).float().cpu()
+        return scores, computed
 
     def _forward(self, seqs: list[list[int]], longest: int) -> torch.Tensor:
         n = len(seqs)

@@ -23,6 +23,7 @@ def rotary_parameters(hf_config) -> tuple[torch.Tensor, float]:
 
 class PackedBackend:
     kind = "packed"
+    shares_prefix = True  # Shared units become tree-shaped packed segments
 
     def __init__(self, model: PackedRewardModel, device: torch.device, max_batch_tokens: int,
                  pad_token_id: int | None):

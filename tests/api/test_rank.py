@@ -14,9 +14,12 @@ CANDIDATES = ["", "Yes.", "The Moon landing happened in July 1969; 600 million p
               "No", "It was 1969."]
 
 
-@pytest.fixture(scope="module", params=["llama", "qwen3"])
+@pytest.fixture(scope="module", params=[("llama", "auto"), ("qwen3", "auto"), ("llama", "hf"), ("gpt2", "auto")],
+                ids=["llama-packed", "qwen3-packed", "llama-hf", "gpt2-hf"])
 def server(request, tiny_ckpt):
-    with serve(Settings(model=str(tiny_ckpt(request.param)), max_wait_ms=1, lru_items=0, max_candidates=8)) as s:
+    arch, backend = request.param
+    with serve(Settings(model=str(tiny_ckpt(arch)), backend=backend, max_wait_ms=1, lru_items=0,
+                        max_candidates=8)) as s:
         yield s
 
 

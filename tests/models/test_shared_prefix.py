@@ -1,4 +1,5 @@
-"""Shared-prefix execution on the packed path equals scoring each (prompt + response) on its own."""
+"""Shared-prefix execution (packed: tree-shaped batch; HF: prompt KV cache) equals scoring each
+(prompt + response) on its own."""
 
 from __future__ import annotations
 
@@ -10,18 +11,17 @@ from transformers import AutoModelForSequenceClassification
 from service.config import Settings
 from service.models.loading import load_model
 from service.models.units import Shared
-from tests.models.test_parity import TOL, _hf_alone
-
-FAMILIES = ("llama", "qwen2", "qwen3", "mistral")
+from tests.models.test_parity import CASES, TOL, _hf_alone
 
 
-@pytest.mark.parametrize("arch", FAMILIES)
+@pytest.mark.parametrize("arch,backend_kind", CASES)
 @pytest.mark.parametrize("prefix_len,suffix_lens", [(40, [1, 2, 90, 7, 200]), (120, [3]), (5, [60, 1, 33])],
                          ids=["mixed", "n1", "short-prefix"])
-def test_shared_units_equal_full_sequences_and_hf(tiny_ckpt, arch, prefix_len, suffix_lens):
+def test_shared_units_equal_full_sequences_and_hf(tiny_ckpt, arch, backend_kind, prefix_len, suffix_lens):
     path = tiny_ckpt(arch)
-    loaded = load_model(Settings(model=str(path), warmup=False, backend="packed"))
+    loaded = load_model(Settings(model=str(path), warmup=False, backend=backend_kind))
     backend = loaded.backends[0]
+    assert backend.shares_prefix
     rng = random.Random(prefix_len + len(suffix_lens))
     pad = loaded.pad_token_id
     vocab = [t for t in range(loaded.encoder.vocab_size) if t != pad]
@@ -32,7 +32,11 @@ def test_shared_units_equal_full_sequences_and_hf(tiny_ckpt, arch, prefix_len, s
     shared = Shared(prefix, suffixes, [len(s) - 1 for s in suffixes])
     out = backend.score([plain_extra, shared, plain_extra[:10]])
     assert out.scores.shape[0] == len(suffixes) + 2
-    assert out.computed_positions == len(plain_extra) + shared.tokens + 10
+    if backend_kind == "packed":
+        assert out.computed_positions == len(plain_extra) + shared.tokens + 10
+    else:  # the prompt once, the responses padded to the longest one of their chunk, the plain rows padded
+        assert out.computed_positions == prefix_len + len(suffixes) * max(suffix_lens) + 2 * len(plain_extra)
+    assert out.real_tokens == len(plain_extra) + shared.tokens + 10
     alone = backend.score(full).scores
     assert (out.scores[1:-1] - alone).abs().max().item() <= 1e-5
     hf = AutoModelForSequenceClassification.from_pretrained(path).eval()
