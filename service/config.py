@@ -46,6 +46,10 @@ class Settings(BaseSettings):
     trust_remote_code: bool = Field(False, description="Allow custom modelling code from the checkpoint.")
     revision: str | None = Field(None, description="Hub revision, when `model` is a hub id.")
     cpu_threads: int | None = Field(None, ge=1, description="torch threads for CPU inference (default: all cores).")
+    cpu_keep_memory: bool = Field(
+        True, description="On CPU, make glibc reuse freed activation memory instead of page-faulting it afresh "
+                          "every batch (a fifth faster here; RSS stays at its peak)."
+    )
 
     # --- batching ----------------------------------------------------------------------------
     max_batch_tokens: int = Field(16384, ge=1, description="A batch closes when it holds this many tokens.")

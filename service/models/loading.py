@@ -19,6 +19,7 @@ from service.models.hf_backend import HFBackend
 from service.models.packed import DecoderConfig, load_packed
 from service.models.packed_backend import PackedBackend, rotary_parameters
 from service.models.tokenize import ItemEncoder
+from service.runtime import keep_freed_memory
 
 log = logging.getLogger(__name__)
 
@@ -122,6 +123,8 @@ def load_model(settings: Settings) -> LoadedModel:
         )
     devices = resolve_devices(settings.devices)
     dtype = resolve_dtype(settings.dtype, devices[0])
+    if settings.cpu_keep_memory and any(d.type == "cpu" for d in devices):
+        keep_freed_memory()
     tokenizer = AutoTokenizer.from_pretrained(source, **common)
     kind, why = choose_backend(settings.backend, config, Path(source) if Path(source).is_dir() else None)
     model_dir = _model_dir(source, common, want_safetensors=kind == "packed")

@@ -1,0 +1,42 @@
+"""Process-wide tuning for CPU inference."""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import logging
+
+log = logging.getLogger(__name__)
+
+_M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_MAX = -1, -2, -4  # glibc <malloc.h>
+_applied = False
+
+
+def keep_freed_memory() -> bool:
+    """Make glibc keep and reuse freed memory instead of returning it to the OS. True if applied.
+
+    Written by hand because nothing else reaches glibc's allocator from inside the process (jemalloc
+    or tcmalloc would need LD_PRELOAD before Python starts). Every forward pass allocates and frees
+    activations of tens of MB. glibc serves blocks that large with mmap and unmaps them on free, so
+    each batch page-faults every activation afresh. Measured on the 2-core VM with the ~40M
+    benchmark model, one 5.4k-token packed forward took about 300k minor faults (1.2 GB touched for
+    the first time), and the forward ran about 20% slower than with these settings, which bring the
+    faults down to about 3k. The cost: the process's RSS stays at its peak.
+    """
+    global _applied
+    if _applied:
+        return True
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name)
+        mallopt = libc.mallopt
+    except (OSError, AttributeError, TypeError):  # not glibc (musl, macOS): nothing to tune
+        return False
+    ok = all(mallopt(param, value) == 1 for param, value in (
+        (_M_MMAP_MAX, 0),  # large blocks come from the heap too
+        (_M_TRIM_THRESHOLD, 2**31 - 1),  # never shrink the heap on free
+        (_M_TOP_PAD, 64 << 20),  # grow it in 64 MiB steps
+    ))
+    _applied = ok
+    log.info("glibc malloc tuned to keep freed memory: %s", ok)
+    return ok
