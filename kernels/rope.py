@@ -123,3 +123,28 @@ def rope_tables(
     freqs = positions.float()[:, None] * inv_freq.float()[None, :]
     emb = torch.cat((freqs, freqs), dim=-1)
     return emb.cos() * attention_scaling, emb.sin() * attention_scaling
+
+
+def rope_cpu(
+    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """What CPUs run, bit-identical to the reference. With positions=None, cos and sin are already
+    per token, (T, D): the packed model gathers them once per batch, not once per layer.
+
+    rope_tables builds each row as cat(freqs, freqs), so both halves of cos (and of sin) are equal
+    and rotate_half becomes two products per half, written straight into the output: no negated
+    copy, no concatenation. The roundings are the reference's: q1*c + (-q2)*s == q1*c - q2*s.
+    """
+    if positions is not None:
+        cos, sin = cos[positions], sin[positions]
+    half = q.shape[-1] // 2
+    c, s = cos[:, None, :half].to(q.dtype), sin[:, None, :half].to(q.dtype)
+    outs = []
+    for x in (q, k):
+        x1, x2 = x[..., :half], x[..., half:]
+        out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+        o1, o2 = out[..., :half], out[..., half:]
+        torch.mul(x1, c, out=o1).sub_(x2 * s)
+        torch.mul(x2, c, out=o2).add_(x1 * s)
+        outs.append(out)
+    return outs[0], outs[1]

@@ -15,7 +15,7 @@ import pytest
 import torch
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
-from kernels.rmsnorm import rmsnorm_torch, rmsnorm_triton
+from kernels.rmsnorm import rmsnorm_cpu, rmsnorm_torch, rmsnorm_triton
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 EPS = 1e-6
@@ -96,3 +96,21 @@ def test_reference_matches_hf(shape, dtype):
         assert torch.equal(out, hf_out)
         out, new_res = rmsnorm_torch(x, weight, EPS)
         assert new_res is x and torch.equal(out, norm(x))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("with_residual", [False, True], ids=["plain", "residual"])
+def test_cpu_version_matches_reference(shape, dtype, with_residual):
+    """What CPUs run: the residual stream bit for bit; the output within the kernel tolerances
+    (only the reduction order of the sum of squares differs), flips rare; inputs untouched."""
+    x, residual, weight = (t.cpu() for t in _inputs(shape, dtype, seed=4))
+    residual = residual if with_residual else None
+    x_in = x.clone()
+    out, new_res = rmsnorm_cpu(x, weight, EPS, residual)
+    ref_out, ref_res = rmsnorm_torch(x, weight, EPS, residual)
+    assert out.dtype == dtype and out.shape == x.shape
+    atol, rtol = TOL[dtype]
+    torch.testing.assert_close(out, ref_out, atol=atol, rtol=rtol)
+    assert (out != ref_out).sum().item() <= 1 + out.numel() // 100
+    assert torch.equal(new_res, ref_res) and torch.equal(x, x_in)

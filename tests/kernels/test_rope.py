@@ -15,7 +15,7 @@ import torch
 from transformers import LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, apply_rotary_pos_emb
 
-from kernels.rope import rope_tables, rope_torch, rope_triton
+from kernels.rope import rope_cpu, rope_tables, rope_torch, rope_triton
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 MAX_POS = 4096
@@ -127,3 +127,20 @@ def test_reference_matches_hf(kind, dtype):
     q_out, k_out = rope_torch(q, k, cos, sin, positions)
     assert torch.equal(q_out, hf_q[0].transpose(0, 1))
     assert torch.equal(k_out, hf_k[0].transpose(0, 1))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("gathered", [False, True], ids=["tables", "per-token"])
+def test_cpu_version_is_bit_identical_to_reference(shape, dtype, gathered):
+    """What CPUs run: same roundings as the reference, so equal bit for bit, from the tables and
+    positions or from per-token tables gathered once per batch (positions=None)."""
+    T, n_q, n_k, D = shape
+    cos, sin = (t.cpu() for t in _tables(D))
+    q, k, positions = (t.cpu() for t in _qk(T, n_q, n_k, D, dtype, seed=3))
+    q_in, k_in = q.clone(), k.clone()
+    args = (cos[positions], sin[positions], None) if gathered else (cos, sin, positions)
+    for out, ref in zip(rope_cpu(q, k, *args), rope_torch(q, k, cos, sin, positions)):
+        assert out.dtype == dtype and out.shape == ref.shape
+        assert torch.equal(out, ref)
+    assert torch.equal(q, q_in) and torch.equal(k, k_in)  # inputs untouched

@@ -13,7 +13,7 @@ import torch
 from transformers import LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaMLP
 
-from kernels.swiglu import swiglu_torch, swiglu_triton
+from kernels.swiglu import swiglu_cpu, swiglu_torch, swiglu_triton
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOL = {  # dtype: (atol, rtol)
@@ -73,3 +73,16 @@ def test_reference_matches_hf(dtype):
         act = swiglu_torch(torch.cat([gate, up], -1))
         assert torch.equal(act, mlp.act_fn(gate) * up)
         assert torch.equal(mlp.down_proj(act), mlp(x))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_cpu_version_is_bit_identical_to_reference(shape, dtype):
+    """What CPUs run: the reference's two roundings, in place in the gate half of its input."""
+    T, inter = shape
+    g = torch.Generator().manual_seed(2)
+    gate_up = (torch.randn(T, 2 * inter, generator=g) * 3).to(dtype)
+    ref = swiglu_torch(gate_up)
+    out = swiglu_cpu(gate_up.clone())
+    assert out.shape == ref.shape and out.dtype == dtype
+    assert torch.equal(out, ref)
