@@ -1,17 +1,24 @@
-"""Build the embedded default reward model of rewardserve.
+"""Build the embedded default reward model of rewardserve (service/assets/default-rm).
 
-Pipeline (all local, seeded, CPU-only):
-  1. generate synthetic, verifiable preference pairs (arithmetic and unit
-     conversions): the correct answer is "chosen", a near-miss is "rejected";
-  2. train a byte-level BPE tokenizer (single-digit tokens) on generator text and
-     wrap it in a PreTrainedTokenizerFast with a chat template;
-  3. train a tiny LlamaForSequenceClassification with the Bradley-Terry loss
-     -log sigmoid(r_chosen - r_rejected) on exactly the service's rendering;
-  4. evaluate on held-out operands and on held-out phrasings / answer styles,
-     save model + tokenizer + eval.json.
+Pipeline (all local, seeded, CPU-only, no downloads):
+  1. generate synthetic, verifiable preference pairs: addition, subtraction, multiplication (1x1, 2x1, 2x2 digits)
+     and unit conversions, in many phrasings and answer styles; the correct answer is "chosen", a near miss
+     (+-1, +-2, +-10, +-100, swapped digits, wrong operation, carry slip) is "rejected". ~10% of operand pairs,
+     and some phrasings and answer styles, never appear in training;
+  2. train a byte-level BPE tokenizer with single-digit tokens on generator text and wrap it in a
+     PreTrainedTokenizerFast with a chat template;
+  3. train a small LlamaForSequenceClassification on exactly the service's rendering (chat template text,
+     tokenized without special tokens, right padding, last-token pooling) with the Bradley-Terry loss
+     -log sigmoid(r_chosen - r_rejected). Training-only auxiliary heads (see AuxHeads) add dense digit-level
+     supervision so arithmetic is learnt within a CPU budget; they are discarded, only the reward model is saved;
+  4. evaluate on held-out operands and on held-out phrasings / answer styles, and save model (fp32 safetensors),
+     tokenizer and eval.json.
 
 Usage:
     python scripts/train_default_model.py --out service/assets/default-rm [--steps N] [--seed S] [--threads T]
+    python scripts/train_default_model.py --readme-table service/assets/default-rm/eval.json
+The defaults reproduce the shipped model (8000 steps: about 75 minutes on 2 idle CPU cores; the shipped run took
+2 h 9 min of wall time because the machine was shared).
 """
 import argparse
 import hashlib
@@ -72,6 +79,14 @@ STYLES = {
     "heldout": ["So the total comes to {n}{u}.", "My answer: {n}{u}", "Final answer: {n}{u}!",
                 "After working it out, I get {n}{u}.", "{n}{u} is the answer.", "Well, {expr} gives {n}{u}."],
 }
+# Optional chatter around training prompts and answers, so that operands and the answer are found anywhere in the
+# text, not at a fixed offset from its end (held-out templates are never decorated).
+FILLERS = {
+    "prompt": (["Hi! ", "Hey, ", "Question: ", "Math time. ", "Help me out: ", "Homework: "],
+               [" Thanks!", " Answer briefly.", " Just the number.", " I'm stuck.", " Be exact."]),
+    "answer": (["Okay. ", "Hmm, ", "Let me see. ", "Sure. "], [" Hope that helps!", " :)", " (checked)", " Done."]),
+}
+TRAIN_MIX = {"add": 1.0, "sub": 1.0, "mul": 1.0, "mul_2x2": 1.75, "convert": 0.75}  # eval sets stay balanced
 # (source unit: singular, plural, abbreviation | target unit: plural, abbreviation, factor, wrong factors, max value)
 CONVERSIONS = [
     ("kilometer", "kilometers", "km", "meters", "m", 1000, [100, 10], 99),
@@ -126,6 +141,12 @@ def sample_operands(rng, category):
     return idx, rng.randint(1, CONVERSIONS[idx][7])
 
 
+def decorate(rng, text, kind, p=0.25):
+    """Randomly wrap a training prompt or answer style in filler text."""
+    prefixes, suffixes = FILLERS[kind]
+    return (rng.choice(prefixes) if rng.random() < p else "") + text + (rng.choice(suffixes) if rng.random() < p else "")
+
+
 def make_problem(rng, category, split, phrasing):
     """Sample a problem whose operands lie in `split` ("train"/"test"), phrased from `phrasing`."""
     while True:
@@ -137,12 +158,14 @@ def make_problem(rng, category, split, phrasing):
         src = abbr if rng.random() < 0.3 else (sing if b == 1 else plur)
         dst_name = dst_abbr if rng.random() < 0.2 else dst
         prompt = rng.choice(CONV_PHRASINGS[phrasing]).format(v=b, src=src, dst=dst_name)
+        prompt = decorate(rng, prompt, "prompt") if phrasing == "train" else prompt
         return Problem(category, prompt, b * factor, b, factor, f"{b} {src}", " " + dst_name, tuple(wrong))
     op = "mul" if category.startswith("mul") else category
     symbols, words = OPS[op]
     template = rng.choice(PHRASINGS[phrasing] * 2 + WORD_PHRASINGS[phrasing][op])
     sym = rng.choice(symbols)
     prompt = template.format(a=a, b=b, sym=sym, op=rng.choice(symbols + words))
+    prompt = decorate(rng, prompt, "prompt") if phrasing == "train" else prompt
     answer = {"add": a + b, "sub": a - b, "mul": a * b}[op]
     return Problem(category, prompt, answer, a, b, f"{a} {sym} {b}", "")
 
@@ -203,10 +226,12 @@ class Pair(tuple):
 
 def make_pair(rng, split="train", phrasing="train", styles="train", category=None):
     """One preference pair; chosen/rejected share an answer style 85% of the time."""
-    p = make_problem(rng, category or rng.choice(CATEGORIES), split, phrasing)
+    category = category or rng.choices(CATEGORIES, weights=[TRAIN_MIX[c] for c in CATEGORIES])[0]
+    p = make_problem(rng, category, split, phrasing)
     wrong, kind = near_miss(p, rng)
-    s_chosen = rng.choice(STYLES[styles])
-    s_rejected = s_chosen if rng.random() < 0.85 else rng.choice(STYLES[styles])
+    pick = lambda: decorate(rng, rng.choice(STYLES[styles]), "answer") if styles == "train" else rng.choice(STYLES[styles])  # noqa: E731
+    s_chosen = pick()
+    s_rejected = s_chosen if rng.random() < 0.85 else pick()
     fmt = lambda style, n: style.format(n=n, u=p.unit, expr=p.expr)  # noqa: E731
     return Pair(p.prompt, fmt(s_chosen, p.answer), fmt(s_rejected, wrong), p.category, p.answer, wrong, kind)
 
@@ -348,10 +373,26 @@ def train(model, tokenizer, args, monitor=None):
     return time.time() - t0
 
 
+def readme_table(report: dict) -> str:
+    """The README's accuracy table, from an eval.json report."""
+    rows = [("new operands, training phrasings and styles", "test_accuracy"),
+            ("held-out phrasings", "heldout_phrasing_accuracy"), ("held-out answer styles", "heldout_style_accuracy"),
+            ("held-out phrasings and styles", "heldout_phrasing_and_style_accuracy")]
+    lines = ["| held-out set | overall | add | sub | mul | mul 2x2 | convert | pairs |", "|---" * 8 + "|"]
+    for label, key in rows:
+        acc = report[key]
+        cells = [f"{100 * acc['overall']:.1f}%"] + [f"{100 * acc[c]:.0f}%" for c in CATEGORIES]
+        lines.append(f"| {label} | " + " | ".join(cells) + f" | {acc['n_pairs']} |")
+    return "\n".join(lines)
+
+
 def main():
+    if len(sys.argv) == 3 and sys.argv[1] == "--readme-table":  # print the README table of an eval.json
+        print(readme_table(json.loads(Path(sys.argv[2]).read_text())))
+        return
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="service/assets/default-rm")
-    ap.add_argument("--steps", type=int, default=3000)
+    ap.add_argument("--steps", type=int, default=8000)
     ap.add_argument("--seed", type=int, default=1234)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--batch-size", type=int, default=64, help="preference pairs per step")

@@ -65,4 +65,43 @@ def test_service_reproduces_the_held_out_evaluation(default_server):
     # path instead of the script's HF forward: the accuracy must agree with what eval.json reports (2000
     # pairs: sampling error about 1%; exact when the script is the one that trained the shipped weights)
     assert accuracy == pytest.approx(EVAL["test_accuracy"]["overall"], abs=0.03)
-    assert accuracy > 0.6
+    assert accuracy >= 0.95  # the issue's target on held-out pairs
+
+
+def test_eval_report_meets_the_targets_and_the_readme_shows_it():
+    """eval.json (what the training script measured) meets the 95% target on held-out operands,
+    stays useful on held-out phrasings and answer styles, and the README's table is this report."""
+    sys.path.insert(0, str(DEFAULT_MODEL_DIR.parents[2]))
+    from scripts.train_default_model import readme_table
+
+    assert EVAL["test_accuracy"]["overall"] >= 0.95 and EVAL["test_accuracy"]["n_pairs"] >= 2000
+    for held_out in ("heldout_phrasing_accuracy", "heldout_style_accuracy", "heldout_phrasing_and_style_accuracy"):
+        assert EVAL[held_out]["overall"] >= 0.8, held_out
+    readme = (DEFAULT_MODEL_DIR.parents[2] / "README.md").read_text()
+    assert readme_table(EVAL) in readme
+
+
+def _saved_tokens(url: str) -> float:
+    for line in httpx.get(url + "/metrics").text.splitlines():
+        if line.startswith("rewardserve_prefix_saved_tokens_total"):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+@pytest.mark.parametrize("candidates", [
+    ["42", "The answer is 42.", "", "After carefully adding the tens and then the units, I get 42 in total. " * 4],
+    ["It is 41."],  # N = 1
+], ids=["mixed-lengths", "n1"])
+def test_best_of_n_on_the_embedded_model_equals_independent_scoring(default_server, candidates):
+    """The shared prompt runs once on the packed path, and the rewards equal scoring each (prompt + response)
+    in its own request."""
+    prompt = "What is 17 + 25?"
+    before = _saved_tokens(default_server)
+    body = httpx.post(default_server + "/v1/best_of_n", json={"prompt": prompt, "candidates": candidates},
+                      timeout=60).json()
+    alone = [httpx.post(default_server + "/v1/score", json={"items": [{"prompt": prompt, "response": c}],
+                                                              "cache": False}, timeout=60).json()["rewards"][0]
+             for c in candidates]
+    assert max(abs(a - b) for a, b in zip(body["rewards"], alone)) <= 1e-4
+    if len(candidates) > 1:
+        assert _saved_tokens(default_server) > before
