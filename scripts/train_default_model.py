@@ -387,9 +387,6 @@ def readme_table(report: dict) -> str:
 
 
 def main():
-    if len(sys.argv) == 3 and sys.argv[1] == "--readme-table":  # print the README table of an eval.json
-        print(readme_table(json.loads(Path(sys.argv[2]).read_text())))
-        return
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="service/assets/default-rm")
     ap.add_argument("--steps", type=int, default=8000)
@@ -400,7 +397,11 @@ def main():
     ap.add_argument("--aux", type=float, default=1.0, help="weight of the training-only auxiliary losses (0 = off)")
     ap.add_argument("--eval-every", type=int, default=0, help="monitor held-out test accuracy every N steps")
     ap.add_argument("--log-every", type=int, default=50)
+    ap.add_argument("--readme-table", metavar="EVAL_JSON", help="only print the README's table of this eval.json")
     args = ap.parse_args()
+    if args.readme_table:
+        print(readme_table(json.loads(Path(args.readme_table).read_text())))
+        return
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     random.seed(args.seed)

@@ -11,6 +11,7 @@ import time
 
 import httpx
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from service.bench.proc import free_port
 from service.config import DEFAULT_MODEL_DIR, DEFAULT_MODEL_NAME
@@ -82,10 +83,8 @@ def test_eval_report_meets_the_targets_and_the_readme_shows_it():
 
 
 def _saved_tokens(url: str) -> float:
-    for line in httpx.get(url + "/metrics").text.splitlines():
-        if line.startswith("rewardserve_prefix_saved_tokens_total"):
-            return float(line.rsplit(" ", 1)[1])
-    return 0.0
+    families = text_string_to_metric_families(httpx.get(url + "/metrics").text)
+    return sum(s.value for f in families for s in f.samples if s.name == "rewardserve_prefix_saved_tokens_total")
 
 
 @pytest.mark.parametrize("candidates", [

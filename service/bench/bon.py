@@ -29,11 +29,11 @@ def run(device_name: str, dtype_name: str, shapes: list[tuple[int, int, int]], g
     shape = "gpu" if device.type == "cuda" else "cpu"
     with tempfile.TemporaryDirectory() as tmp:
         path = build_checkpoint(shape, max(p + r for p, _, r in shapes), Path(tmp))
-        backend = load_model(Settings(model=str(path), dtype=str(dtype).removeprefix("torch."), devices=device_name,
-                                      max_batch_tokens=batch_tokens, warmup=False, lru_items=0,
-                                      backend=backend_kind)).backends[0]
+        loaded = load_model(Settings(model=str(path), dtype=str(dtype).removeprefix("torch."), devices=device_name,
+                                     max_batch_tokens=batch_tokens, warmup=False, lru_items=0, backend=backend_kind))
+    backend = loaded.backends[0]
     rng = random.Random(0)
-    vocab = backend.model.config.vocab_size if backend_kind == "hf" else backend.model.cfg.vocab_size
+    vocab = loaded.encoder.vocab_size
     rows = []
     for prompt_len, n, resp_len in shapes:
         work = []

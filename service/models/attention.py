@@ -112,26 +112,24 @@ def packed_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, b
         if isinstance(call, _Alone):
             seq = slice(call.start, call.end)
             qs, ks, vs = (t[seq].transpose(0, 1)[None] for t in (q, k, v))  # (1, H, L, D) views
-            if window is None or call.end - call.start <= window:
-                o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, enable_gqa=gqa)
-            else:
-                allowed = _mask(0, call.end - call.start, call.end - call.start, window, q.device)
-                mask = torch.zeros(allowed.shape, dtype=q.dtype, device=q.device).masked_fill_(~allowed, float("-inf"))
-                o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, enable_gqa=gqa)
-            out[seq] = o[0].transpose(0, 1)
+            out[seq] = _sdpa(qs, ks, vs, 0, window, gqa)[0].transpose(0, 1)
             continue
         qs = q[call.q_idx].transpose(1, 2)  # (n, Hq, width, D)
         ks, vs = k[call.k_idx].transpose(1, 2), v[call.k_idx].transpose(1, 2)  # (n, Hk, prefix + width, D)
-        width = qs.shape[2]
-        if call.prefix == 0 and (window is None or width <= window):
-            o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, enable_gqa=gqa)
-        else:
-            # an additive float mask: SDPA's CPU kernel takes it about 2x faster than a boolean one
-            allowed = _mask(call.prefix, width, call.prefix + width, window, q.device)
-            mask = torch.zeros(allowed.shape, dtype=q.dtype, device=q.device).masked_fill_(~allowed, float("-inf"))
-            o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, enable_gqa=gqa)
+        o = _sdpa(qs, ks, vs, call.prefix, window, gqa)
         out[call.q_idx[call.valid]] = o.transpose(1, 2)[call.valid]
     return out.reshape(T, Hq * D)
+
+
+def _sdpa(qs, ks, vs, prefix: int, window: int | None, gqa: bool) -> torch.Tensor:
+    """Causal SDPA of queries that follow `prefix` keys: (n, Hq, width, D) against (n, Hk, prefix + width, D)."""
+    width = qs.shape[2]
+    if prefix == 0 and (window is None or width <= window):
+        return F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, enable_gqa=gqa)
+    # an additive float mask: SDPA's CPU kernel takes it about 2x faster than a boolean one
+    allowed = _mask(prefix, width, prefix + width, window, qs.device)
+    mask = torch.zeros(allowed.shape, dtype=qs.dtype, device=qs.device).masked_fill_(~allowed, float("-inf"))
+    return F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, enable_gqa=gqa)
 
 
 def _varlen_cuda(q, k, v, batch, window):

@@ -118,6 +118,10 @@ class Ops:
         self.reward_head = reward_head_triton if cuda else reward_head_torch
         self.gather_rope_once = not cuda  # the Triton kernel gathers the tables itself
 
+    def project(self, x: torch.Tensor, layer: nn.Linear) -> torch.Tensor:
+        """A projection through this device's linear (the module only holds the weights)."""
+        return self.linear(x, layer.weight, layer.bias)
+
 
 class Block(nn.Module):
     def __init__(self, cfg: DecoderConfig, window: int | None):
@@ -137,7 +141,7 @@ class Block(nn.Module):
     def forward(self, x, residual, ops: Ops, rope, batch):
         cfg = self.cfg
         h, residual = ops.rmsnorm(x, self.attn_norm, cfg.eps, residual)  # (T, H)
-        qkv = ops.linear(h, self.wqkv.weight, self.wqkv.bias)  # (T, (Hq + 2 Hk) D)
+        qkv = ops.project(h, self.wqkv)  # (T, (Hq + 2 Hk) D)
         q, k, v = qkv.split([cfg.heads * cfg.head_dim, cfg.kv_heads * cfg.head_dim, cfg.kv_heads * cfg.head_dim], -1)
         q = q.view(-1, cfg.heads, cfg.head_dim)  # (T, Hq, D)
         k = k.view(-1, cfg.kv_heads, cfg.head_dim)  # (T, Hk, D)
@@ -147,9 +151,9 @@ class Block(nn.Module):
             k, _ = ops.rmsnorm(k, self.k_norm, cfg.eps)
         q, k = ops.rope(q, k, *rope)
         attn = packed_causal_attention(q, k, v, batch, self.window)  # (T, Hq D)
-        h, residual = ops.rmsnorm(ops.linear(attn, self.wo.weight, self.wo.bias), self.mlp_norm, cfg.eps, residual)
-        act = ops.swiglu(ops.linear(h, self.w_gate_up.weight, self.w_gate_up.bias))
-        return ops.linear(act, self.w_down.weight, self.w_down.bias), residual
+        h, residual = ops.rmsnorm(ops.project(attn, self.wo), self.mlp_norm, cfg.eps, residual)
+        act = ops.swiglu(ops.project(h, self.w_gate_up))
+        return ops.project(act, self.w_down), residual
 
 
 @dataclass
