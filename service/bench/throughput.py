@@ -25,7 +25,7 @@ from transformers import AutoModelForSequenceClassification, LlamaConfig, PreTra
 from service.config import Settings
 from service.models.hf_backend import HFBackend
 from service.models.loading import load_model, resolve_dtype
-from service.models.packed import cpu_linear
+from service.models.packed import onednn_linear, onednn_pack, onednn_works
 
 # Realistic reward-model shapes: a ~40M Llama on CPU, a Qwen2.5-0.5B-class one on GPU.
 SHAPES = {
@@ -67,14 +67,16 @@ def model_flops_per_token(cfg, seqs: list[list[int]]) -> float:
 
 def gemm_flops(dtype: torch.dtype, device: torch.device, n: int, k: int, m: int, seconds: float = 2.0) -> float:
     """Best observed FLOP/s of an (n x k) @ (k x m) product: the machine's practical limit. On CPU
-    both GEMM libraries torch carries are timed (MKL through `@`, oneDNN through the linear the fast
-    path uses) and the faster one counts, so the limit is never one library's weakness."""
+    both GEMM libraries torch carries are timed (MKL through `@`; oneDNN as the fast path runs it,
+    on a packed weight, and on a plain one) and the fastest counts, so the limit is never one
+    library's weakness."""
     a = torch.randn(n, k, device=device).to(dtype)
     b = torch.randn(k, m, device=device).to(dtype)
     products = [lambda: a @ b]
-    if device.type == "cpu":
-        linear, w = cpu_linear(dtype), b.t().contiguous()
-        products.append(lambda: linear(a, w))
+    if device.type == "cpu" and onednn_works(dtype):
+        w = b.t().contiguous()
+        packed = onednn_pack(w, n)
+        products += [lambda: onednn_linear(a, w), lambda: onednn_linear(a, packed)]
     best = 0.0
     for product in products:
         end = time.perf_counter() + seconds
