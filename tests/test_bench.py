@@ -43,6 +43,7 @@ def test_bench_throughput_runs_all_three_paths_and_prints_json():
     for row in result["paths"].values():
         assert row["tokens_per_s"] > 0 and 0 < row["fraction_of_limit"]
     assert result["gemm_flops"] > 0 and result["model_flops_per_token"] > 0
+    assert len(result["gemm_flops_per_round"]) == 1  # measured in each round beside the paths
 
 
 @pytest.mark.parametrize("backend", ["packed", "hf"])

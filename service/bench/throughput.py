@@ -6,6 +6,8 @@
 Runs alternate (a, b, c, a, b, c, ...) so drift in machine speed hits every path alike. It prints
 tokens/s, each path's ratio to (a), and the fraction of the machine's limit: measured GEMM FLOP/s
 for the dtype divided by the model's FLOPs per token (weights and causal attention of this workload).
+The limit is measured in every round, after the paths, and each round's rates are set against that
+round's limit (median over rounds), so a machine whose speed drifts is compared with itself.
 """
 
 from __future__ import annotations
@@ -158,25 +160,35 @@ def run(device_name: str, dtype_name: str, n_items: int, lo: int, hi: int, repea
         _sync(device)
         return tokens / (time.perf_counter() - t)
 
+    flops_tok = model_flops_per_token(cfg, seqs)
+
+    def measure_limit() -> float:
+        return gemm_flops(dtype, device, min(4096, batch_tokens), cfg.hidden_size, cfg.intermediate_size, 1.0)
+
     for name in paths:  # warm-up (allocator, kernel selection, compilation)
         once(name)
+    measure_limit()
+    # the limit is measured in every round too, right after the paths: a VM's speed drifts over minutes,
+    # and a limit measured once, at another time, would move every path's fraction with the drift
     rates: dict[str, list[float]] = {n: [] for n in paths}
+    limits: list[float] = []
     for _ in range(repeats):
         for name in paths:
             rates[name].append(once(name))
-    flops_tok = model_flops_per_token(cfg, seqs)
-    limit = gemm_flops(dtype, device, min(4096, batch_tokens), cfg.hidden_size, cfg.intermediate_size)
+        limits.append(measure_limit())
+    limit = statistics.median(limits)
     base_rate = statistics.median(rates["a_hf_arrival_order"])
     rows = {}
     for name, rs in rates.items():
         rate = statistics.median(rs)
+        fraction = statistics.median(r * flops_tok / lim for r, lim in zip(rs, limits))
         rows[name] = {"tokens_per_s": round(rate, 1), "ratio_vs_a": round(rate / base_rate, 3),
-                      "fraction_of_limit": round(rate * flops_tok / limit, 3)}
+                      "fraction_of_limit": round(fraction, 3)}
         print(f"{name:20s} {rate:10.1f} tok/s  x{rate / base_rate:5.2f} vs (a)  "
-              f"{100 * rate * flops_tok / limit:5.1f}% of limit", flush=True)
+              f"{100 * fraction:5.1f}% of limit", flush=True)
     return {
         "bench": "throughput", "device": device_label(device),
         "dtype": str(dtype).removeprefix("torch."), "shape": SHAPES[shape], "items": n_items, "tokens": tokens,
         "lengths": [lo, hi], "repeats": repeats, "batch_tokens": batch_tokens, "arrival_batch_items": batch_items,
-        "gemm_flops": round(limit), "model_flops_per_token": round(flops_tok), "paths": rows,
+        "gemm_flops": round(limit), "gemm_flops_per_round": [round(x) for x in limits], "model_flops_per_token": round(flops_tok), "paths": rows,
     }
