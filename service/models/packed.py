@@ -24,7 +24,7 @@ from torch import nn
 from kernels.reward_head import reward_head_torch, reward_head_triton
 from kernels.rmsnorm import rmsnorm_cpu, rmsnorm_triton
 from kernels.rope import rope_cpu, rope_tables, rope_triton
-from kernels.swiglu import swiglu_cpu, swiglu_triton
+from kernels.swiglu import silu_mul_, swiglu_cpu, swiglu_triton
 from service.models.attention import packed_causal_attention
 from service.models.pooling import last_token_index
 from service.models.units import Shared, Unit
@@ -92,23 +92,6 @@ def onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
 
 
-def onednn_linear_add(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                      other: torch.Tensor) -> torch.Tensor:
-    """(x @ weight.T + bias) + other, the add applied by oneDNN to the finished fp32 accumulator as
-    the GEMM writes its output: the residual stream's update without a separate pass. In fp32 it is
-    bit-identical to the separate add."""
-    return torch.ops.mkldnn._linear_pointwise.binary(x, other, weight, bias, "add")
-
-
-def onednn_swiglu(x: torch.Tensor, gate_w: torch.Tensor, gate_b: torch.Tensor | None, up_w: torch.Tensor,
-                  up_b: torch.Tensor | None) -> torch.Tensor:
-    """silu(x @ gate_w.T + gate_b) * (x @ up_w.T + up_b) as two oneDNN GEMMs with the SiLU and the
-    product applied in their epilogues: the (T, 2I) gate/up tensor is never written or read back.
-    oneDNN's SiLU differs from torch's by a few fp32 ulps (measured 3e-7 relative)."""
-    gate = torch.ops.mkldnn._linear_pointwise(x, gate_w, gate_b, "swish", [], "")
-    return torch.ops.mkldnn._linear_pointwise.binary(x, gate, up_w, up_b, "mul")
-
-
 def onednn_pack(weight: torch.Tensor, rows: int | None = None) -> torch.Tensor:
     """`weight` reordered once, at load, into oneDNN's blocked layout for GEMMs of about `rows` rows
     (an opaque tensor that only the oneDNN GEMMs above take). Unpacked weights are reordered inside
@@ -117,17 +100,14 @@ def onednn_pack(weight: torch.Tensor, rows: int | None = None) -> torch.Tensor:
 
 
 def onednn_works(dtype: torch.dtype) -> bool:
-    """Whether the oneDNN GEMMs above run here on packed weights and match their plain-torch
-    definitions for `dtype`."""
+    """Whether oneDNN's GEMM runs here, on plain and on packed weights, and matches F.linear for `dtype`."""
     try:
         g = torch.Generator().manual_seed(0)
-        x, w, o = (torch.randn(*shape, generator=g).to(dtype) for shape in ((3, 8), (5, 8), (3, 5)))
+        x, w = torch.randn(3, 8, generator=g).to(dtype), torch.randn(5, 8, generator=g).to(dtype)
         b = torch.randn(5, generator=g).to(dtype)
-        plain = F.linear(x.float(), w.float(), b.float())
-        close = lambda got, want: torch.allclose(got.float(), want, rtol=2e-2, atol=2e-2)  # noqa: E731
-        wp = onednn_pack(w, 3)
-        return (close(onednn_linear(x, wp, b), plain) and close(onednn_linear_add(x, wp, b, o), plain + o.float())
-                and close(onednn_swiglu(x, wp, b, wp, b), F.silu(plain) * plain))
+        want = F.linear(x.float(), w.float(), b.float())
+        return all(torch.allclose(onednn_linear(x, weight, b).float(), want, rtol=2e-2, atol=2e-2)
+                   for weight in (w, onednn_pack(w, 3)))
     except (AttributeError, RuntimeError, NotImplementedError):
         return False
 
@@ -135,19 +115,19 @@ def onednn_works(dtype: torch.dtype) -> bool:
 class Ops:
     """The kernels for one device: Triton on CUDA; elsewhere the PyTorch versions that compute the
     references' numbers with fewer passes over memory (the `*_cpu` beside each reference) and
-    oneDNN's GEMM for the projections.
+    oneDNN's GEMM for the projections, on weights packed once at load.
 
-    `epilogues` (CPU with oneDNN): the projections take weights packed once at load, and the block
-    after attention runs in chunks of `chunk_tokens` tokens with the residual adds and SwiGLU inside
-    the GEMMs (see `Block._mlp_chunked`). On CUDA the residual add stays fused into the Triton
-    RMSNorm instead."""
+    On CPU (`chunk_tokens` set) the block after attention runs a chunk of tokens at a time (see
+    `Block._mlp_chunked`); on CUDA the whole batch goes through each kernel, the residual add fused
+    into the Triton RMSNorm."""
 
-    chunk_tokens = 2048
+    cpu_chunk_tokens = 2048
 
     def __init__(self, device: torch.device, dtype: torch.dtype = torch.float32):
         cuda = device.type == "cuda"
-        self.epilogues = device.type == "cpu" and onednn_works(dtype)
-        self.linear = onednn_linear if self.epilogues else F.linear
+        self.onednn = device.type == "cpu" and onednn_works(dtype)
+        self.linear = onednn_linear if self.onednn else F.linear
+        self.chunk_tokens = None if cuda else self.cpu_chunk_tokens
         self.rmsnorm = rmsnorm_triton if cuda else rmsnorm_cpu
         self.rope = rope_triton if cuda else rope_cpu
         self.swiglu = swiglu_triton if cuda else swiglu_cpu
@@ -171,24 +151,27 @@ class Block(nn.Module):
             self.k_norm = nn.Parameter(torch.ones(cfg.head_dim))
 
     def prepare(self, ops: Ops) -> None:
-        """Fix the (weight, bias) each projection runs with on `ops`' device. With oneDNN epilogues
-        the weights are packed, gate and up split (see `_mlp_chunked`), and the modules' own copies
-        are released: the packed ones replace them, so the model does not hold its weights twice."""
-        layers = {"qkv": self.wqkv, "o": self.wo, "gate_up": self.w_gate_up, "down": self.w_down}
-        if not ops.epilogues:
-            self.gemm = {name: (layer.weight, layer.bias) for name, layer in layers.items()}
+        """Fix the (weight, bias) each projection runs with on `ops`' device. In CPU chunks gate and
+        up are projected apart (see `_mlp_chunked`); with oneDNN the weights are packed and the
+        modules' own copies released, so the model does not hold its weights twice."""
+        layers = (self.wqkv, self.wo, self.w_gate_up, self.w_down)
+        if ops.chunk_tokens is None:
+            self.gemm = {name: (layer.weight, layer.bias) for name, layer in zip(("qkv", "o", "gate_up", "down"), layers)}
             return
-        inter, rows = self.cfg.intermediate, ops.chunk_tokens
+        inter = self.cfg.intermediate
         w, b = self.w_gate_up.weight, self.w_gate_up.bias
         self.gemm = {
-            "qkv": (onednn_pack(self.wqkv.weight), self.wqkv.bias),  # runs on the whole batch
-            "o": (onednn_pack(self.wo.weight, rows), self.wo.bias),
-            "gate": (onednn_pack(w[:inter], rows), None if b is None else b[:inter]),
-            "up": (onednn_pack(w[inter:], rows), None if b is None else b[inter:]),
-            "down": (onednn_pack(self.w_down.weight, rows), self.w_down.bias),
+            "qkv": (self.wqkv.weight, self.wqkv.bias), "o": (self.wo.weight, self.wo.bias),
+            "gate": (w[:inter], None if b is None else b[:inter]),  # row blocks of the fused weight
+            "up": (w[inter:], None if b is None else b[inter:]),
+            "down": (self.w_down.weight, self.w_down.bias),
         }
-        for layer in layers.values():
-            layer.weight.data = layer.weight.data.new_empty(0)
+        if ops.onednn:
+            whole_batch = ("qkv",)  # the others run on chunks of chunk_tokens rows
+            self.gemm = {name: (onednn_pack(w, None if name in whole_batch else ops.chunk_tokens), b)
+                         for name, (w, b) in self.gemm.items()}
+            for layer in layers:
+                layer.weight.data = layer.weight.data.new_empty(0)
 
     def forward(self, x, residual, ops: Ops, rope, batch):
         cfg = self.cfg
@@ -203,7 +186,7 @@ class Block(nn.Module):
             k, _ = ops.rmsnorm(k, self.k_norm, cfg.eps)
         q, k = ops.rope(q, k, *rope)
         attn = packed_causal_attention(q, k, v, batch, self.window)  # (T, Hq D)
-        if ops.epilogues:
+        if ops.chunk_tokens is not None:
             return self._mlp_chunked(attn, residual, ops), None
         h, residual = ops.rmsnorm(ops.linear(attn, *self.gemm["o"]), self.mlp_norm, cfg.eps, residual)
         act = ops.swiglu(ops.linear(h, *self.gemm["gate_up"]))
@@ -213,22 +196,23 @@ class Block(nn.Module):
         """Output projection, residual add, RMSNorm, SwiGLU MLP and second residual add, a chunk of
         tokens at a time; returns the residual stream after the block (T, H).
 
-        Why by hand: every op here is per token, so a chunk's intermediates (the largest, silu(gate)
-        for 2048 tokens, is 12 MB in the 40M benchmark model) stay in the CPU's caches between the
-        GEMMs that produce and consume them, where whole-batch tensors (T up to 16k: 200 MB) went
-        through DRAM, and the GEMMs themselves ran 10-25% slower with 16k rows than with 2k. The
-        residual adds and SwiGLU run in the GEMMs' epilogues. GEMM rows do not depend on how many
-        rows share the call, so chunk boundaries cannot change any token's numbers (fp32 scores were
-        bit-identical to the unchunked path). Measured on the 2-core VM: +10% tokens/s for the 40M
-        model, and packing the weights another +3%."""
-        eps, gemm = self.cfg.eps, self.gemm
+        Why by hand: every op here is per token, so a chunk's intermediates (the largest, gate and
+        up for 2048 tokens, are 12 MB each in the 40M benchmark model) stay in the CPU's caches
+        between the ops that produce and consume them, where whole-batch tensors (T up to 16k
+        tokens: 200 MB) went through DRAM, which this VM streams at about 6 GB/s; the GEMMs
+        themselves ran 10-25% slower with 16k rows than with 2k. GEMM rows do not depend on how
+        many rows share the call, so chunk boundaries change no token's numbers (fp32 scores were
+        bit-identical to the whole-batch path). Measured on the 2-core VM with the 40M model:
+        chunking +10% tokens/s, packed weights another +3%. Two GEMMs then SiLU on the
+        cache-resident gate beat oneDNN's SiLU epilogue by 4-8%, and an add epilogue was no faster
+        than `add_` on a cached chunk, so the ops stay plain torch."""
+        eps, gemm, linear = self.cfg.eps, self.gemm, ops.linear
         out = torch.empty_like(residual)
         for start in range(0, attn.shape[0], ops.chunk_tokens):
             rows = slice(start, start + ops.chunk_tokens)
-            stream = onednn_linear_add(attn[rows], *gemm["o"], residual[rows])
-            h, _ = ops.rmsnorm(stream, self.mlp_norm, eps)
-            act = onednn_swiglu(h, *gemm["gate"], *gemm["up"])
-            out[rows] = onednn_linear_add(act, *gemm["down"], stream)
+            h, stream = ops.rmsnorm(linear(attn[rows], *gemm["o"]), self.mlp_norm, eps, residual[rows])
+            act = silu_mul_(linear(h, *gemm["gate"]), linear(h, *gemm["up"]))
+            out[rows] = linear(act, *gemm["down"]).add_(stream)
         return out
 
 

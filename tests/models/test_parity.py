@@ -59,16 +59,20 @@ def test_batched_scores_equal_hf_alone(tiny_ckpt, arch, backend, pad_token, padd
     assert (sub - mixed[3:7]).abs().max().item() <= 1e-5
 
 
+@pytest.mark.parametrize("onednn", [True, False], ids=["onednn", "plain-torch"])
 @pytest.mark.parametrize("arch", PACKED_ARCHS)
-def test_cpu_token_chunks_match_hf_wherever_the_chunks_cut(tiny_ckpt, arch, monkeypatch):
-    """On CPU everything after attention runs a chunk of tokens at a time, on packed weights with the
-    residual adds and SwiGLU in oneDNN's GEMM epilogues. With 64-token chunks every long item
-    straddles chunk boundaries, and putting a 37-token item first moves every boundary."""
-    monkeypatch.setattr(Ops, "chunk_tokens", 64)
+def test_cpu_token_chunks_match_hf_wherever_the_chunks_cut(tiny_ckpt, arch, onednn, monkeypatch):
+    """On CPU everything after attention runs a chunk of tokens at a time, gate and up projected
+    apart, on packed oneDNN weights (or, where the oneDNN probe fails, F.linear on the modules'
+    weights). With 64-token chunks every long item straddles chunk boundaries, and putting a
+    37-token item first moves every boundary."""
+    monkeypatch.setattr(Ops, "cpu_chunk_tokens", 64)
+    if not onednn:
+        monkeypatch.setattr(packed, "onednn_works", lambda dtype: False)
     path = tiny_ckpt(arch)
     loaded = load_model(Settings(model=str(path), warmup=False, backend="packed"))
     backend = loaded.backends[0]
-    assert backend.model.ops.epilogues, "this CPU should run the oneDNN path"
+    assert backend.model.ops.onednn is onednn and backend.model.ops.chunk_tokens == 64
     hf = AutoModelForSequenceClassification.from_pretrained(path).eval()
     seqs = _random_seqs(loaded.encoder.vocab_size, LENGTHS, seed=7, avoid={hf.config.pad_token_id})
     mixed = backend.score(seqs).scores
@@ -86,18 +90,6 @@ def test_cpu_path_packs_projection_weights_once_and_releases_the_originals(tiny_
     assert all(layer.weight.numel() == 0 for layer in (block.wqkv, block.wo, block.w_gate_up, block.w_down))
     with pytest.raises(AssertionError, match="once per model"):
         model.to_device(torch.device("cpu"), torch.float32)
-
-
-def test_cpu_path_without_onednn_runs_plain_torch_with_the_same_scores(tiny_ckpt, monkeypatch):
-    """Where oneDNN's GEMMs are missing or wrong (the probe fails), F.linear and the unchunked block run."""
-    monkeypatch.setattr(packed, "onednn_works", lambda dtype: False)
-    path = tiny_ckpt("llama")
-    loaded = load_model(Settings(model=str(path), warmup=False, backend="packed"))
-    backend = loaded.backends[0]
-    assert not backend.model.ops.epilogues and backend.model.blocks[0].wqkv.weight.numel() > 0
-    hf = AutoModelForSequenceClassification.from_pretrained(path).eval()
-    seqs = _random_seqs(loaded.encoder.vocab_size, LENGTHS, seed=9, avoid={hf.config.pad_token_id})
-    assert (backend.score(seqs).scores - _hf_alone(hf, seqs)).abs().max().item() <= TOL
 
 
 @pytest.mark.parametrize("arch,backend", [("llama", "packed"), ("llama", "hf"), ("gpt2", "hf")])
