@@ -190,5 +190,6 @@ def run(device_name: str, dtype_name: str, n_items: int, lo: int, hi: int, repea
         "bench": "throughput", "device": device_label(device),
         "dtype": str(dtype).removeprefix("torch."), "shape": SHAPES[shape], "items": n_items, "tokens": tokens,
         "lengths": [lo, hi], "repeats": repeats, "batch_tokens": batch_tokens, "arrival_batch_items": batch_items,
-        "gemm_flops": round(limit), "gemm_flops_per_round": [round(x) for x in limits], "model_flops_per_token": round(flops_tok), "paths": rows,
+        "gemm_flops": round(limit), "gemm_flops_per_round": [round(x) for x in limits],
+        "model_flops_per_token": round(flops_tok), "paths": rows,
     }

@@ -156,7 +156,8 @@ class Block(nn.Module):
         modules' own copies released, so the model does not hold its weights twice."""
         layers = (self.wqkv, self.wo, self.w_gate_up, self.w_down)
         if ops.chunk_tokens is None:
-            self.gemm = {name: (layer.weight, layer.bias) for name, layer in zip(("qkv", "o", "gate_up", "down"), layers)}
+            names = ("qkv", "o", "gate_up", "down")
+            self.gemm = {name: (layer.weight, layer.bias) for name, layer in zip(names, layers)}
             return
         inter = self.cfg.intermediate
         w, b = self.w_gate_up.weight, self.w_gate_up.bias
