@@ -24,7 +24,7 @@ from torch import nn
 from kernels.reward_head import reward_head_torch, reward_head_triton
 from kernels.rmsnorm import rmsnorm_cpu, rmsnorm_triton
 from kernels.rope import rope_cpu, rope_tables, rope_triton
-from kernels.swiglu import silu_mul_, swiglu_cpu, swiglu_triton
+from kernels.swiglu import silu_mul_, swiglu_triton
 from service.models.attention import packed_causal_attention
 from service.models.pooling import last_token_index
 from service.models.units import Shared, Unit
@@ -130,7 +130,7 @@ class Ops:
         self.chunk_tokens = None if cuda else self.cpu_chunk_tokens
         self.rmsnorm = rmsnorm_triton if cuda else rmsnorm_cpu
         self.rope = rope_triton if cuda else rope_cpu
-        self.swiglu = swiglu_triton if cuda else swiglu_cpu
+        self.swiglu = swiglu_triton  # the whole-batch path is CUDA's; CPU chunks call silu_mul_
         self.reward_head = reward_head_triton if cuda else reward_head_torch
         self.gather_rope_once = not cuda  # the Triton kernel gathers the tables itself
 
