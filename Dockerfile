@@ -7,6 +7,9 @@ ENV PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 \
     HF_HUB_DISABLE_TELEMETRY=1 RS_HOST=0.0.0.0 RS_PORT=8000
 
 WORKDIR /app
+# g++ compiles the CPU attention kernel (kernels/attention_cpu.cpp) on first load, for the CPU it runs on;
+# without it the service falls back to torch's SDPA (logged), about 8% slower end to end on CPU.
+RUN apt-get update && apt-get install -y --no-install-recommends g++ && rm -rf /var/lib/apt/lists/*
 COPY pyproject.toml constraints.txt README.md ./
 COPY service ./service
 COPY kernels ./kernels

@@ -23,8 +23,9 @@ install: $(VENV)/.installed
 serve: install  ## serve the embedded default model on http://127.0.0.1:8000
 	$(BIN)/rewardserve serve $(ARGS)
 
-# System packages the tests drive for real; apt only runs when one is missing.
-SYSTEM_TOOLS := redis-server prometheus
+# System packages the tests drive for real (g++ compiles the CPU attention kernel on first use);
+# apt only runs when one is missing.
+SYSTEM_TOOLS := redis-server prometheus g++
 system-deps:
 	@missing=""; for t in $(SYSTEM_TOOLS); do command -v $$t >/dev/null || missing="$$missing $$t"; done; \
 	if [ -n "$$missing" ]; then \

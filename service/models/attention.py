@@ -6,13 +6,17 @@ prefix's keys and values and then to its own past (positions continue after the 
 - CUDA: `torch.nn.attention.varlen.varlen_attn` (FlashAttention over cu_seqlens; GQA and sliding
   windows natively). A response's keys are its prefix's followed by its own; FlashAttention aligns
   the causal mask bottom-right when there are more keys than queries, which is exactly that.
-- CPU: whole sequences of 256 tokens or more get one SDPA call each, on views of the packed
-  tensors (no gather, no padding: measured 12% less attention time than bucketing them). Shorter
-  ones and responses are gathered into a few fused SDPA calls: the responses of one prompt
-  together, and whole sequences in buckets of similar length. One call per segment was measured 5x
-  slower for 128-token responses (SDPA's CPU kernel parallelises over batch x heads); padding
-  inside a bucket is bounded (lengths within 30%) and never seen by a real query: padded keys come
-  after every real position, so causality alone hides them.
+- CPU, fp32: whole sequences go, all in one call per layer, to rewardserve's C++ kernel
+  (kernels/attention_cpu.py: only the keys a query block can see are computed; torch's CPU flash
+  kernel computes the whole causal square below 512 tokens). Responses take the SDPA calls below.
+- CPU without that kernel (bf16, or no compiler): whole sequences of 256 tokens or more get one
+  SDPA call each, on views of the packed tensors (no gather, no padding: measured 12% less
+  attention time than bucketing them). Shorter ones and responses are gathered into a few fused
+  SDPA calls: the responses of one prompt together, and whole sequences in buckets of similar
+  length. One call per segment was measured 5x slower for 128-token responses (SDPA's CPU kernel
+  parallelises over batch x heads); padding inside a bucket is bounded (lengths within 30%) and
+  never seen by a real query: padded keys come after every real position, so causality alone
+  hides them.
 
 A sliding window W means a token at position i sees positions j with i - W < j <= i, as HF's mask.
 """
@@ -53,6 +57,14 @@ class _Alone:
 
 
 @dataclass
+class _Kernel:
+    """Every whole sequence of the batch, for the compiled CPU kernel: packed start rows and lengths."""
+
+    starts: torch.Tensor
+    lens: torch.Tensor
+
+
+@dataclass
 class _Call:
     """One fused SDPA call: n segments, right-padded to `width` queries, after a shared `prefix`."""
 
@@ -62,7 +74,7 @@ class _Call:
     prefix: int
 
 
-def _plan(batch) -> list[_Call | _Alone]:
+def _plan(batch, kernel: bool) -> list[_Call | _Alone | _Kernel]:
     cu, parents = batch.cu_seqlens, batch.parents
     lengths = [cu[i + 1] - cu[i] for i in range(len(parents))]
     children: dict[int, list[int]] = {}
@@ -71,7 +83,12 @@ def _plan(batch) -> list[_Call | _Alone]:
             children.setdefault(parent, []).append(seg)
     groups: list[tuple[list[int], int]] = [(segs, parent) for parent, segs in children.items()]
     whole = sorted((s for s, p in enumerate(parents) if p < 0), key=lengths.__getitem__)
-    calls: list[_Call | _Alone] = [_Alone(cu[s], cu[s + 1]) for s in whole if lengths[s] >= _ALONE_FROM]
+    if kernel:
+        starts, lens = torch.tensor([cu[s] for s in whole]), torch.tensor([lengths[s] for s in whole])
+        calls: list[_Call | _Alone | _Kernel] = [_Kernel(starts, lens)] if whole else []
+        whole = []
+    else:
+        calls = [_Alone(cu[s], cu[s + 1]) for s in whole if lengths[s] >= _ALONE_FROM]
     whole = [s for s in whole if lengths[s] < _ALONE_FROM]
     bucket: list[int] = []
     for seg in whole:
@@ -99,16 +116,21 @@ def _plan(batch) -> list[_Call | _Alone]:
     return calls
 
 
-def packed_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch, window: int | None):
-    """q: (T, Hq, D); k, v: (T, Hk, D) -> (T, Hq * D)."""
+def packed_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch, window: int | None,
+                            kernel=None):
+    """q: (T, Hq, D); k, v: (T, Hk, D) -> (T, Hq * D). `kernel`: the compiled CPU attention
+    (`kernels.attention_cpu.load_kernel()`), for fp32 on CPU; None keeps SDPA."""
     T, Hq, D = q.shape
     if q.is_cuda and varlen_attn is not None:
         return _varlen_cuda(q, k, v, batch, window).reshape(T, Hq * D)
     if batch.attention_plan is None:  # the same for every layer of this batch
-        batch.attention_plan = _plan(batch)
+        batch.attention_plan = _plan(batch, kernel is not None)
     out = torch.empty(T, Hq, D, dtype=q.dtype, device=q.device)
     gqa = Hq != k.shape[1]
     for call in batch.attention_plan:
+        if isinstance(call, _Kernel):
+            kernel(q, k, v, call.starts, call.lens, window, out=out)
+            continue
         if isinstance(call, _Alone):
             seq = slice(call.start, call.end)
             qs, ks, vs = (t[seq].transpose(0, 1)[None] for t in (q, k, v))  # (1, H, L, D) views

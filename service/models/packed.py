@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from torch import nn
 
+from kernels.attention_cpu import load_kernel
 from kernels.reward_head import reward_head_torch, reward_head_triton
 from kernels.rmsnorm import rmsnorm_cpu, rmsnorm_triton
 from kernels.rope import rope_cpu, rope_tables, rope_triton
@@ -122,6 +123,7 @@ class Ops:
     into the Triton RMSNorm."""
 
     cpu_chunk_tokens = 2048
+    cpu_attention_kernel = True  # the compiled causal attention for fp32 (kernels/attention_cpu.py)
 
     def __init__(self, device: torch.device, dtype: torch.dtype = torch.float32):
         cuda = device.type == "cuda"
@@ -133,6 +135,8 @@ class Ops:
         self.swiglu = swiglu_triton  # the whole-batch path is CUDA's; CPU chunks call silu_mul_
         self.reward_head = reward_head_triton if cuda else reward_head_torch
         self.gather_rope_once = not cuda  # the Triton kernel gathers the tables itself
+        native = device.type == "cpu" and dtype == torch.float32 and self.cpu_attention_kernel
+        self.attention_kernel = load_kernel() if native else None  # None: torch SDPA
 
 
 class Block(nn.Module):
@@ -186,7 +190,7 @@ class Block(nn.Module):
             q, _ = ops.rmsnorm(q, self.q_norm, cfg.eps)
             k, _ = ops.rmsnorm(k, self.k_norm, cfg.eps)
         q, k = ops.rope(q, k, *rope)
-        attn = packed_causal_attention(q, k, v, batch, self.window)  # (T, Hq D)
+        attn = packed_causal_attention(q, k, v, batch, self.window, ops.attention_kernel)  # (T, Hq D)
         if ops.chunk_tokens is not None:
             return self._mlp_chunked(attn, residual, ops), None
         h, residual = ops.rmsnorm(ops.linear(attn, *self.gemm["o"]), self.mlp_norm, cfg.eps, residual)

@@ -5,6 +5,7 @@ the presence of a pad token, or the architecture."""
 from __future__ import annotations
 
 import random
+import shutil
 
 import pytest
 import torch
@@ -14,6 +15,7 @@ from service.config import Settings
 from service.models import packed
 from service.models.loading import load_model
 from service.models.packed import Ops
+from tests.conftest import require_tool
 from tests.factories import ARCHS
 
 TOL = 1e-4
@@ -59,20 +61,27 @@ def test_batched_scores_equal_hf_alone(tiny_ckpt, arch, backend, pad_token, padd
     assert (sub - mixed[3:7]).abs().max().item() <= 1e-5
 
 
+@pytest.mark.parametrize("attention", ["kernel", "sdpa"])
 @pytest.mark.parametrize("onednn", [True, False], ids=["onednn", "plain-torch"])
 @pytest.mark.parametrize("arch", PACKED_ARCHS)
-def test_cpu_token_chunks_match_hf_wherever_the_chunks_cut(tiny_ckpt, arch, onednn, monkeypatch):
+def test_cpu_token_chunks_match_hf_wherever_the_chunks_cut(tiny_ckpt, arch, onednn, attention, monkeypatch):
     """On CPU everything after attention runs a chunk of tokens at a time, gate and up projected
     apart, on packed oneDNN weights (or, where the oneDNN probe fails, F.linear on the modules'
     weights). With 64-token chunks every long item straddles chunk boundaries, and putting a
-    37-token item first moves every boundary."""
+    37-token item first moves every boundary. Attention runs in the compiled kernel (64-query
+    blocks: the same boundaries) or, without a compiler, in torch's SDPA."""
     monkeypatch.setattr(Ops, "cpu_chunk_tokens", 64)
     if not onednn:
         monkeypatch.setattr(packed, "onednn_works", lambda dtype: False)
+    if attention == "kernel":
+        require_tool(shutil.which("g++") is not None, "g++ (the CPU attention kernel)")
+    else:
+        monkeypatch.setattr(Ops, "cpu_attention_kernel", False)
     path = tiny_ckpt(arch)
     loaded = load_model(Settings(model=str(path), warmup=False, backend="packed"))
     backend = loaded.backends[0]
     assert backend.model.ops.onednn is onednn and backend.model.ops.chunk_tokens == 64
+    assert (backend.model.ops.attention_kernel is not None) is (attention == "kernel")
     hf = AutoModelForSequenceClassification.from_pretrained(path).eval()
     seqs = _random_seqs(loaded.encoder.vocab_size, LENGTHS, seed=7, avoid={hf.config.pad_token_id})
     mixed = backend.score(seqs).scores

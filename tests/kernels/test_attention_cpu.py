@@ -1,0 +1,144 @@
+"""attention_cpu: the compiled CPU causal attention vs its PyTorch reference and vs torch's SDPA.
+
+The kernel needs a C++ compiler (g++): in CI (`make test` installs it) a missing one fails the
+tests; on a developer's laptop they skip. Tolerance: the kernel and the reference sum the same
+fp32 products in different orders (blocked GEMMs, online softmax), so the outputs (mixtures of
+unit-variance values) differ by a few ulps of 1: atol = rtol = 1e-5.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from kernels import attention_cpu
+from kernels.attention_cpu import causal_attention_torch, load_kernel
+from tests.conftest import require_tool
+
+TOL = dict(atol=1e-5, rtol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def kernel():
+    require_tool(shutil.which("g++") is not None, "g++ (the CPU attention kernel is compiled on first use)")
+    fn = load_kernel()
+    assert fn is not None, "g++ is here but the kernel did not build: see the warning logged above"
+    return fn
+
+
+def _packed(hq: int, hk: int, d: int, lens: list[int], seed: int = 0):
+    """q, k, v as row-strided views of one fused (T, (Hq + 2 Hk) D) projection, as the model makes them."""
+    g = torch.Generator().manual_seed(seed)
+    T = sum(lens)
+    qkv = torch.randn(T, (hq + 2 * hk) * d, generator=g)
+    q, k, v = qkv.split([hq * d, hk * d, hk * d], -1)
+    starts = torch.tensor([sum(lens[:i]) for i in range(len(lens))], dtype=torch.int64)
+    return q.view(T, hq, d), k.view(T, hk, d), v.view(T, hk, d), starts, torch.tensor(lens)
+
+
+# (Hq, Hk, D): MHA, GQA 2/4/6, MQA, odd and tiny head dims
+HEADS = [(8, 4, 64), (7, 7, 80), (6, 1, 16), (12, 2, 8), (3, 3, 1)]
+# 1-token and 2-token sequences, either side of the 64-query block, across the 512-key block
+LENGTHS = [[1], [2, 63, 64, 65], [300, 1, 129], [1030, 17], [513]]
+
+
+@pytest.mark.parametrize("window", [None, 1, 40, 600], ids=lambda w: f"window{w}")
+@pytest.mark.parametrize("lens", LENGTHS, ids=str)
+@pytest.mark.parametrize("heads", HEADS, ids=str)
+def test_kernel_matches_reference(kernel, heads, lens, window):
+    q, k, v, starts, lens_t = _packed(*heads, lens)
+    out = kernel(q, k, v, starts, lens_t, window)
+    torch.testing.assert_close(out, causal_attention_torch(q, k, v, starts, lens_t, window), **TOL)
+
+
+def test_reference_matches_torch_sdpa():
+    """The reference itself, against torch's causal SDPA, sequence by sequence."""
+    q, k, v, starts, lens = _packed(8, 2, 32, [5, 70, 200])
+    ref = causal_attention_torch(q, k, v, starts, lens, None)
+    for start, n in zip(starts.tolist(), lens.tolist()):
+        rows = slice(start, start + n)
+        sdpa = F.scaled_dot_product_attention(*(t[rows].transpose(0, 1)[None] for t in (q, k, v)),
+                                              is_causal=True, enable_gqa=True)[0].transpose(0, 1)
+        torch.testing.assert_close(ref[rows], sdpa, **TOL)
+
+
+def test_a_sequence_gets_the_same_output_whatever_else_is_in_the_batch(kernel):
+    lens = [700, 3, 130, 64, 1, 900]
+    q, k, v, starts, lens_t = _packed(8, 4, 64, lens)
+    together = kernel(q, k, v, starts, lens_t, None)
+    for i, (start, n) in enumerate(zip(starts.tolist(), lens)):
+        rows = slice(start, start + n)
+        alone = kernel(q[rows], k[rows], v[rows], torch.tensor([0]), torch.tensor([n]), None)
+        torch.testing.assert_close(alone, together[rows], atol=1e-6, rtol=0)
+    # the order the sequences are listed in does not matter either
+    order = [5, 2, 0, 4, 1, 3]
+    shuffled = kernel(q, k, v, starts[order], lens_t[order], None)
+    torch.testing.assert_close(shuffled, together, atol=1e-6, rtol=0)
+
+
+def test_thread_count_does_not_change_the_output(kernel):
+    q, k, v, starts, lens = _packed(8, 4, 64, [600, 50, 300])
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = kernel(q, k, v, starts, lens, None)
+        torch.set_num_threads(2)
+        two = kernel(q, k, v, starts, lens, None)
+    finally:
+        torch.set_num_threads(before)
+    torch.testing.assert_close(one, two, atol=1e-6, rtol=0)
+
+
+def test_contiguous_and_strided_inputs_agree_and_out_rows_outside_sequences_are_left_alone(kernel):
+    q, k, v, starts, lens = _packed(4, 2, 16, [10, 20, 30])
+    strided = kernel(q, k, v, starts, lens, None)
+    plain = kernel(q.contiguous(), k.contiguous(), v.contiguous(), starts, lens, None)
+    torch.testing.assert_close(strided, plain, atol=0, rtol=0)
+    out = torch.full_like(plain, 7.0)
+    kernel(q, k, v, starts[[0, 2]], lens[[0, 2]], None, out=out)  # the middle sequence is someone else's
+    assert (out[10:30] == 7.0).all()
+    torch.testing.assert_close(out[:10], plain[:10], atol=0, rtol=0)
+    torch.testing.assert_close(out[30:], plain[30:], atol=0, rtol=0)
+
+
+def test_bad_arguments_are_refused_with_their_reason(kernel):
+    q, k, v, starts, lens = _packed(6, 4, 8, [5])
+    with pytest.raises(ValueError, match="inconsistent shapes"):  # 6 query heads cannot share 4 kv heads
+        kernel(q, k, v, starts, lens, None)
+    q, k, v, starts, lens = _packed(4, 2, 8, [5])
+    with pytest.raises(TypeError, match="fp32 only"):
+        kernel(q.bfloat16(), k.bfloat16(), v.bfloat16(), starts, lens, None)
+    with pytest.raises(ValueError, match="within the packed rows"):
+        kernel(q, k, v, starts, torch.tensor([6]), None)
+    with pytest.raises(ValueError, match="non-empty"):
+        kernel(q, k, v, starts, torch.tensor([0]), None)
+    with pytest.raises(ValueError, match="out must be"):
+        kernel(q, k, v, starts, lens, None, out=torch.empty(5, 4, 8).transpose(0, 1))
+
+
+def test_without_a_compiler_the_loader_says_why_and_returns_none(tmp_path, caplog):
+    with caplog.at_level(logging.WARNING, logger="kernels.attention_cpu"):
+        assert load_kernel(compiler="no-such-compiler-here", cache_dir=tmp_path) is None
+    assert "no-such-compiler-here" in caplog.text and "using torch SDPA" in caplog.text
+
+
+def test_a_failing_build_reports_the_compiler_message_and_leaves_no_file(kernel, tmp_path, monkeypatch):
+    broken = tmp_path / "broken.cpp"
+    broken.write_text("int f( {\n")
+    monkeypatch.setattr(attention_cpu, "SOURCE", broken)
+    with pytest.raises(RuntimeError, match="broken.cpp failed: .*error"):
+        attention_cpu.build(cache_dir=tmp_path)
+    assert not list(tmp_path.glob("*.so")) and not list(tmp_path.glob("*.tmp"))
+
+
+def test_builds_are_cached_by_source(kernel, tmp_path, monkeypatch):
+    first = attention_cpu.build(cache_dir=tmp_path)
+    assert attention_cpu.build(cache_dir=tmp_path) == first  # found, not rebuilt
+    changed = tmp_path / "changed.cpp"
+    changed.write_text(attention_cpu.SOURCE.read_text() + "\n// changed\n")
+    monkeypatch.setattr(attention_cpu, "SOURCE", changed)
+    assert attention_cpu.build(cache_dir=tmp_path) != first
