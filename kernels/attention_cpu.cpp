@@ -9,14 +9,17 @@
 //
 // Layout: q (T, Hq, D), k and v (T, Hk, D), out (T, Hq, D), each with its own row stride in
 // elements (q, k, v are views of the fused qkv projection); heads are contiguous within a row.
-// Sequence s owns rows starts[s] .. starts[s] + lens[s] - 1, at positions 0 .. lens[s] - 1.
-// A token at position i sees positions j with j <= i and, when window > 0, i - window < j.
+// Segment s owns rows starts[s] .. starts[s] + lens[s] - 1. A whole sequence (prefix_lens[s] = 0)
+// sits at positions 0 .. lens[s] - 1. A response of a shared prompt follows its prompt's
+// prefix_lens[s] rows, which start at prefix_starts[s]: its keys are the prompt's rows and then its
+// own, and its positions continue after the prompt. A token at position i sees positions j with
+// j <= i and, when window > 0, i - window < j.
 //
-// Work item: one sequence, one kv head, one block of BQ query positions. The G = Hq / Hk query
+// Work item: one segment, one kv head, one block of BQ query positions. The G = Hq / Hk query
 // heads that share the kv head are stacked into one (G * n) x D matrix, so GQA turns into taller
 // GEMMs. Keys are visited in blocks of BK with the online softmax (running max and sum per row).
 // Items are sorted by cost and handed out through an atomic counter: the threads stay balanced
-// whatever the mix of lengths. Each item depends only on its own sequence's rows, so an item's
+// whatever the mix of lengths. Each item depends only on its own segment's rows, so an item's
 // numbers do not depend on the batch it rides in or on the thread count.
 #include <algorithm>
 #include <atomic>
@@ -65,7 +68,7 @@ inline float exp_nonpositive(float x) {
 }
 
 struct Item {
-  int64_t seq, head, r0, r1, k0;  // kv head, query positions r0..r1-1, first visible key k0
+  int64_t seg, head, r0, r1, k0;  // kv head, own query rows r0..r1-1, first visible key position k0
 };
 
 struct Args {
@@ -73,7 +76,7 @@ struct Args {
   float* out;
   int64_t ldq, ldk, ldv, ldo, g, d, window;
   float scale;
-  const int64_t* starts;
+  const int64_t *starts, *prefix_starts, *prefix_lens;
 };
 
 // Scratch of one thread: the stacked query block, its output accumulator, one block of scores,
@@ -83,8 +86,15 @@ struct Scratch {
   Scratch(int64_t rows, int64_t d) : q(rows * d), o(rows * d), s(rows * BK), max(rows), sum(rows) {}
 };
 
+// Packed row of the key at position c of segment `seg`.
+inline int64_t key_row(const Args& a, int64_t seg, int64_t c) {
+  const int64_t p = a.prefix_lens[seg];
+  return c < p ? a.prefix_starts[seg] + c : a.starts[seg] + c - p;
+}
+
 void run_item(const Args& a, const Item& w, Scratch& t) {
-  const int64_t n = w.r1 - w.r0, rows = a.g * n, d = a.d, base = a.starts[w.seq];
+  const int64_t n = w.r1 - w.r0, rows = a.g * n, d = a.d, base = a.starts[w.seg];
+  const int64_t plen = a.prefix_lens[w.seg], end = plen + w.r1;  // keys at positions k0 .. end-1
   for (int64_t j = 0; j < a.g; ++j)  // row j * n + i: query head head * g + j, position r0 + i
     for (int64_t i = 0; i < n; ++i) {
       const float* src = a.q + (base + w.r0 + i) * a.ldq + (w.head * a.g + j) * d;
@@ -94,14 +104,15 @@ void run_item(const Args& a, const Item& w, Scratch& t) {
   std::fill_n(t.o.begin(), rows * d, 0.0f);
   std::fill_n(t.max.begin(), rows, -INFINITY);
   std::fill_n(t.sum.begin(), rows, 0.0f);
-  for (int64_t c0 = w.k0; c0 < w.r1; c0 += BK) {
-    const int64_t nk = std::min(BK, w.r1 - c0);
-    const float* kp = a.k + (base + c0) * a.ldk + w.head * d;
-    const float* vp = a.v + (base + c0) * a.ldv + w.head * d;
+  for (int64_t c0 = w.k0, nk; c0 < end; c0 += nk) {
+    nk = std::min(BK, (c0 < plen ? plen : end) - c0);  // a block never straddles prompt and own rows
+    const int64_t r = key_row(a, w.seg, c0);
+    const float* kp = a.k + r * a.ldk + w.head * d;
+    const float* vp = a.v + r * a.ldv + w.head * d;
     // scores, row-major (rows x nk) = Q (rows x d) K^T; as column-major: S^T = K Q^T
     gemm('T', 'N', nk, rows, d, 1.0f, kp, a.ldk, t.q.data(), d, 0.0f, t.s.data(), nk);
     for (int64_t row = 0; row < rows; ++row) {
-      const int64_t pos = w.r0 + row % n;
+      const int64_t pos = plen + w.r0 + row % n;
       const int64_t lo = std::max<int64_t>(a.window > 0 ? pos - a.window + 1 - c0 : 0, 0);
       const int64_t hi = std::min(nk, pos - c0 + 1);  // visible keys of this row: lo .. hi-1
       float* s = t.s.data() + row * nk;
@@ -149,18 +160,23 @@ void run_item(const Args& a, const Item& w, Scratch& t) {
 extern "C" int rs_causal_attention_f32(const float* q, const float* k, const float* v, float* out,
                                        int64_t ldq, int64_t ldk, int64_t ldv, int64_t ldo,
                                        int64_t hq, int64_t hk, int64_t d, const int64_t* starts,
-                                       const int64_t* lens, int64_t nseq, int64_t window,
+                                       const int64_t* lens, const int64_t* prefix_starts,
+                                       const int64_t* prefix_lens, int64_t nseg, int64_t window,
                                        float scale, int64_t threads) {
   if (hk <= 0 || hq % hk != 0 || d <= 0 || threads <= 0) return 1;
-  const Args a{q, k, v, out, ldq, ldk, ldv, ldo, hq / hk, d, window, scale, starts};
+  const Args a{q, k, v, out, ldq, ldk, ldv, ldo, hq / hk, d, window, scale, starts, prefix_starts,
+               prefix_lens};
   std::vector<Item> items;
-  for (int64_t s = 0; s < nseq; ++s)
+  for (int64_t s = 0; s < nseg; ++s)
     for (int64_t r0 = 0; r0 < lens[s]; r0 += BQ) {
-      const int64_t k0 = window > 0 ? std::max<int64_t>(r0 - window + 1, 0) : 0;
+      const int64_t first = prefix_lens[s] + r0;  // position of the block's first query
+      const int64_t k0 = window > 0 ? std::max<int64_t>(first - window + 1, 0) : 0;
       for (int64_t h = 0; h < hk; ++h) items.push_back({s, h, r0, std::min(lens[s], r0 + BQ), k0});
     }
   std::stable_sort(items.begin(), items.end(),
-                   [](const Item& x, const Item& y) { return x.r1 - x.k0 > y.r1 - y.k0; });
+                   [&](const Item& x, const Item& y) {
+                     return prefix_lens[x.seg] + x.r1 - x.k0 > prefix_lens[y.seg] + y.r1 - y.k0;
+                   });
   std::atomic<size_t> next(0);
 #pragma omp parallel num_threads(threads)
   {

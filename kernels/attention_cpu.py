@@ -9,8 +9,11 @@ and linked against the BLAS inside libtorch_cpu; the shared object is cached per
 flags, torch version and CPU. Without a compiler, or if the build fails, `load_kernel()` logs why
 and returns None, and the caller keeps torch's SDPA.
 
-q: (T, Hq, D); k, v: (T, Hk, D); sequence s is rows starts[s] .. starts[s] + lens[s] - 1, at
-positions 0 ..; a token at position i sees j <= i and, with a window W, i - W < j. fp32 only.
+q: (T, Hq, D); k, v: (T, Hk, D); segment s is rows starts[s] .. starts[s] + lens[s] - 1. A whole
+sequence sits at positions 0 ..; a response of a shared prompt (prefix_lens[s] > 0) attends to the
+prompt's rows prefix_starts[s] .. + prefix_lens[s] - 1 and then to its own, its positions
+continuing after the prompt. A token at position i sees j <= i and, with a window W, i - W < j.
+fp32 only.
 """
 
 from __future__ import annotations
@@ -33,22 +36,26 @@ log = logging.getLogger(__name__)
 SOURCE = Path(__file__).with_name("attention_cpu.cpp")
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-std=c++17")
 _I64 = ctypes.c_int64
-_ARGTYPES = [ctypes.c_void_p] * 4 + [_I64] * 7 + [ctypes.c_void_p, ctypes.c_void_p, _I64, _I64, ctypes.c_float, _I64]
+_ARGTYPES = [ctypes.c_void_p] * 4 + [_I64] * 7 + [ctypes.c_void_p] * 4 + [_I64, _I64, ctypes.c_float, _I64]
 
 
-def causal_attention_torch(q, k, v, starts, lens, window: int | None) -> torch.Tensor:
-    """The reference: per sequence, softmax(q k^T / sqrt(D) + mask) v in plain torch. -> (T, Hq, D)"""
-    out = torch.empty_like(q)
+def causal_attention_torch(q, k, v, starts, lens, window: int | None, out: torch.Tensor | None = None,
+                           prefix_starts=None, prefix_lens=None) -> torch.Tensor:
+    """The reference: per segment, softmax(q k^T / sqrt(D) + mask) v in plain torch. -> (T, Hq, D)"""
+    out = torch.empty_like(q) if out is None else out
     groups = q.shape[1] // k.shape[1]
-    for start, n in zip(starts.tolist(), lens.tolist()):
+    if prefix_lens is None:
+        prefix_starts = prefix_lens = torch.zeros_like(lens)
+    for start, n, p_start, p in zip(starts.tolist(), lens.tolist(), prefix_starts.tolist(), prefix_lens.tolist()):
         rows = slice(start, start + n)
+        keys = torch.cat([torch.arange(p_start, p_start + p), torch.arange(start, start + n)])
         qs = q[rows].transpose(0, 1).float()  # (Hq, n, D)
-        ks = k[rows].transpose(0, 1).float().repeat_interleave(groups, 0)
-        vs = v[rows].transpose(0, 1).float().repeat_interleave(groups, 0)
-        pos = torch.arange(n)
-        allowed = pos[None, :] <= pos[:, None]
+        ks = k[keys].transpose(0, 1).float().repeat_interleave(groups, 0)  # (Hq, p + n, D)
+        vs = v[keys].transpose(0, 1).float().repeat_interleave(groups, 0)
+        qpos, kpos = torch.arange(p, p + n)[:, None], torch.arange(p + n)[None, :]
+        allowed = kpos <= qpos
         if window:
-            allowed &= pos[:, None] - pos[None, :] < window
+            allowed &= qpos - kpos < window
         scores = (qs @ ks.transpose(1, 2)) * q.shape[-1] ** -0.5
         probs = scores.masked_fill(~allowed, float("-inf")).softmax(-1)
         out[rows] = (probs @ vs).transpose(0, 1).to(q.dtype)
@@ -121,10 +128,10 @@ def load_kernel(compiler: str = "g++", cache_dir: Path | None = None) -> Callabl
 _loaded: dict[tuple, Callable | None] = {}
 
 
-def causal_attention_cpu(fn, q, k, v, starts, lens, window: int | None,
-                         out: torch.Tensor | None = None) -> torch.Tensor:
+def causal_attention_cpu(fn, q, k, v, starts, lens, window: int | None, out: torch.Tensor | None = None,
+                         prefix_starts=None, prefix_lens=None) -> torch.Tensor:
     """Runs the compiled kernel `fn`; q, k, v may be row-strided views (of a fused qkv). Writes the
-    sequences' rows of `out` (T, Hq, D), new when None, and leaves its other rows alone."""
+    segments' rows of `out` (T, Hq, D), new when None, and leaves its other rows alone."""
     T, hq, d = q.shape
     hk = k.shape[1]
     if q.dtype != torch.float32 or k.dtype != q.dtype or v.dtype != q.dtype:
@@ -132,15 +139,24 @@ def causal_attention_cpu(fn, q, k, v, starts, lens, window: int | None,
     if hq % hk or k.shape != v.shape or k.shape[0] != T or k.shape[2] != d:
         raise ValueError(f"inconsistent shapes q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
     q, k, v = (t if t.stride(2) == 1 and t.stride(1) == d else t.contiguous() for t in (q, k, v))
-    starts, lens = starts.to(torch.int64).contiguous(), lens.to(torch.int64).contiguous()
+    if prefix_lens is None:
+        prefix_starts = prefix_lens = torch.zeros_like(lens)
+    starts, lens, prefix_starts, prefix_lens = (t.to(torch.int64).contiguous()
+                                                for t in (starts, lens, prefix_starts, prefix_lens))
+    if not starts.shape == lens.shape == prefix_starts.shape == prefix_lens.shape:
+        raise ValueError("starts, lens, prefix_starts and prefix_lens must have one entry per segment")
     if len(starts) and (int(starts.min()) < 0 or int((starts + lens).max()) > T or int(lens.min()) < 1):
-        raise ValueError("every sequence must be non-empty and lie within the packed rows")
+        raise ValueError("every segment must be non-empty and lie within the packed rows")
+    if len(starts) and (int(prefix_starts.min()) < 0 or int((prefix_starts + prefix_lens).max()) > T
+                        or int(prefix_lens.min()) < 0):
+        raise ValueError("every prompt prefix must lie within the packed rows")
     if out is None:
         out = torch.empty(T, hq, d, dtype=q.dtype)
     elif out.shape != q.shape or out.dtype != q.dtype or out.stride(2) != 1 or out.stride(1) != d:
         raise ValueError(f"out must be a row-strided (T, Hq, D) fp32 tensor, got {tuple(out.shape)} {out.stride()}")
     rc = fn(q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), q.stride(0), k.stride(0), v.stride(0),
-            out.stride(0), hq, hk, d, starts.data_ptr(), lens.data_ptr(), len(starts), window or 0,
+            out.stride(0), hq, hk, d, starts.data_ptr(), lens.data_ptr(), prefix_starts.data_ptr(),
+            prefix_lens.data_ptr(), len(starts), window or 0,
             d ** -0.5, torch.get_num_threads())
     if rc != 0:
         raise RuntimeError(f"CPU attention kernel returned {rc} for q {tuple(q.shape)}, k {tuple(k.shape)}. "

@@ -6,9 +6,10 @@ prefix's keys and values and then to its own past (positions continue after the 
 - CUDA: `torch.nn.attention.varlen.varlen_attn` (FlashAttention over cu_seqlens; GQA and sliding
   windows natively). A response's keys are its prefix's followed by its own; FlashAttention aligns
   the causal mask bottom-right when there are more keys than queries, which is exactly that.
-- CPU, fp32: whole sequences go, all in one call per layer, to rewardserve's C++ kernel
-  (kernels/attention_cpu.py: only the keys a query block can see are computed; torch's CPU flash
-  kernel computes the whole causal square below 512 tokens). Responses take the SDPA calls below.
+- CPU, fp32: every segment goes, all in one call per layer, to rewardserve's C++ kernel
+  (kernels/attention_cpu.py: only the keys a query block can see are computed, and a response
+  reads its prompt's keys in place; torch's CPU flash kernel computes the whole causal square below
+  512 tokens).
 - CPU without that kernel (bf16, or no compiler): whole sequences of 256 tokens or more get one
   SDPA call each, on views of the packed tensors (no gather, no padding: measured 12% less
   attention time than bucketing them). Shorter ones and responses are gathered into a few fused
@@ -58,10 +59,13 @@ class _Alone:
 
 @dataclass
 class _Kernel:
-    """Every whole sequence of the batch, for the compiled CPU kernel: packed start rows and lengths."""
+    """Every segment of the batch, for the compiled CPU kernel: packed start rows and lengths, and
+    each response's prompt (start row, length; 0 for whole sequences)."""
 
     starts: torch.Tensor
     lens: torch.Tensor
+    prefix_starts: torch.Tensor
+    prefix_lens: torch.Tensor
 
 
 @dataclass
@@ -77,18 +81,17 @@ class _Call:
 def _plan(batch, kernel: bool) -> list[_Call | _Alone | _Kernel]:
     cu, parents = batch.cu_seqlens, batch.parents
     lengths = [cu[i + 1] - cu[i] for i in range(len(parents))]
+    if kernel:
+        return [_Kernel(torch.tensor(cu[:-1]), torch.tensor(lengths),
+                        torch.tensor([cu[p] if p >= 0 else 0 for p in parents]),
+                        torch.tensor([lengths[p] if p >= 0 else 0 for p in parents]))]
     children: dict[int, list[int]] = {}
     for seg, parent in enumerate(parents):
         if parent >= 0:
             children.setdefault(parent, []).append(seg)
     groups: list[tuple[list[int], int]] = [(segs, parent) for parent, segs in children.items()]
     whole = sorted((s for s, p in enumerate(parents) if p < 0), key=lengths.__getitem__)
-    if kernel:
-        starts, lens = torch.tensor([cu[s] for s in whole]), torch.tensor([lengths[s] for s in whole])
-        calls: list[_Call | _Alone | _Kernel] = [_Kernel(starts, lens)] if whole else []
-        whole = []
-    else:
-        calls = [_Alone(cu[s], cu[s + 1]) for s in whole if lengths[s] >= _ALONE_FROM]
+    calls: list[_Call | _Alone | _Kernel] = [_Alone(cu[s], cu[s + 1]) for s in whole if lengths[s] >= _ALONE_FROM]
     whole = [s for s in whole if lengths[s] < _ALONE_FROM]
     bucket: list[int] = []
     for seg in whole:
@@ -129,7 +132,7 @@ def packed_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, b
     gqa = Hq != k.shape[1]
     for call in batch.attention_plan:
         if isinstance(call, _Kernel):
-            kernel(q, k, v, call.starts, call.lens, window, out=out)
+            kernel(q, k, v, call.starts, call.lens, window, out, call.prefix_starts, call.prefix_lens)
             continue
         if isinstance(call, _Alone):
             seq = slice(call.start, call.end)

@@ -66,6 +66,26 @@ def test_reference_matches_torch_sdpa():
         torch.testing.assert_close(ref[rows], sdpa, **TOL)
 
 
+@pytest.mark.parametrize("window", [None, 3, 100], ids=lambda w: f"window{w}")
+@pytest.mark.parametrize("heads", [(8, 4, 64), (6, 1, 16)], ids=str)
+def test_responses_attend_to_their_prompt_in_place(kernel, heads, window):
+    """A shared-prompt batch: prompt rows, then responses that read the prompt's keys in place.
+    Each response's rows equal the last rows of its prompt + response run as one whole sequence,
+    and match the reference; the prompt of 600 tokens crosses a 512-key block."""
+    prompt, responses = 600, [1, 64, 130, 7]
+    q, k, v, _, _ = _packed(*heads, [prompt, *responses])
+    starts = torch.tensor([0] + [prompt + sum(responses[:i]) for i in range(len(responses))])
+    lens = torch.tensor([prompt, *responses])
+    pre_starts, pre_lens = torch.zeros(5, dtype=torch.int64), torch.tensor([0] + [prompt] * 4)
+    out = kernel(q, k, v, starts, lens, window, None, pre_starts, pre_lens)
+    ref = causal_attention_torch(q, k, v, starts, lens, window, None, pre_starts, pre_lens)
+    torch.testing.assert_close(out, ref, **TOL)
+    for start, n in zip(starts[1:].tolist(), responses):
+        rows = torch.cat([torch.arange(prompt), torch.arange(start, start + n)])
+        whole = kernel(q[rows], k[rows], v[rows], torch.tensor([0]), torch.tensor([prompt + n]), window)
+        torch.testing.assert_close(out[start:start + n], whole[prompt:], **TOL)
+
+
 def test_a_sequence_gets_the_same_output_whatever_else_is_in_the_batch(kernel):
     lens = [700, 3, 130, 64, 1, 900]
     q, k, v, starts, lens_t = _packed(8, 4, 64, lens)
@@ -116,6 +136,10 @@ def test_bad_arguments_are_refused_with_their_reason(kernel):
         kernel(q, k, v, starts, torch.tensor([6]), None)
     with pytest.raises(ValueError, match="non-empty"):
         kernel(q, k, v, starts, torch.tensor([0]), None)
+    with pytest.raises(ValueError, match="prompt prefix"):
+        kernel(q, k, v, starts, torch.tensor([2]), None, None, torch.tensor([3]), torch.tensor([3]))
+    with pytest.raises(ValueError, match="one entry per segment"):
+        kernel(q, k, v, starts, lens, None, None, torch.tensor([0, 0]), torch.tensor([0, 0]))
     with pytest.raises(ValueError, match="out must be"):
         kernel(q, k, v, starts, lens, None, out=torch.empty(5, 4, 8).transpose(0, 1))
 
