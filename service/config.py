@@ -46,6 +46,10 @@ class Settings(BaseSettings):
     trust_remote_code: bool = Field(False, description="Allow custom modelling code from the checkpoint.")
     revision: str | None = Field(None, description="Hub revision, when `model` is a hub id.")
     cpu_threads: int | None = Field(None, ge=1, description="torch threads for CPU inference (default: all cores).")
+    cpu_attention_kernel: bool = Field(
+        True, description="On CPU in fp32, run attention in rewardserve's C++ kernel (compiled with g++ on first load; "
+                          "torch SDPA when off or when it cannot be built)."
+    )
     cpu_keep_memory: bool = Field(
         True, description="On CPU, make glibc reuse freed activation memory instead of page-faulting it afresh "
                           "every batch (a fifth faster here; RSS stays at its peak)."

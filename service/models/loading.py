@@ -144,7 +144,8 @@ def load_model(settings: Settings) -> LoadedModel:
         vocab = base.cfg.vocab_size
         for i, device in enumerate(devices):
             replica = base if i == len(devices) - 1 else copy.deepcopy(base)
-            backends.append(PackedBackend(replica.to_device(device, dtype), device, settings.max_batch_tokens, pad_id))
+            replica.to_device(device, dtype, settings.cpu_attention_kernel)
+            backends.append(PackedBackend(replica, device, settings.max_batch_tokens, pad_id))
     else:
         model = AutoModelForSequenceClassification.from_pretrained(source, dtype=dtype, **common).eval()
         vocab = model.get_input_embeddings().num_embeddings
@@ -153,8 +154,9 @@ def load_model(settings: Settings) -> LoadedModel:
             backends.append(HFBackend(replica.to(device), device, settings.max_batch_tokens))
     encoder = ItemEncoder(tokenizer, max_length=max_length, vocab_size=vocab)
     labels = [config.id2label.get(i, f"LABEL_{i}") for i in range(config.num_labels)]
-    log.info("loaded %s (%s, %s) on %s with the %s backend (%s), max_length=%d", source, archs, dtype, devices,
-             kind, why, max_length)
+    attention = ", attention: " + backends[0].model.ops.attention_name if kind == "packed" else ""
+    log.info("loaded %s (%s, %s) on %s with the %s backend (%s%s), max_length=%d", source, archs, dtype, devices,
+             kind, why, attention, max_length)
     return LoadedModel(
         name=settings.model_name, source=source, model_dir=model_dir, architecture=(archs or ["unknown"])[0],
         num_labels=config.num_labels, labels=labels, max_length=max_length, dtype=dtype, encoder=encoder,

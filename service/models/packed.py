@@ -123,9 +123,8 @@ class Ops:
     into the Triton RMSNorm."""
 
     cpu_chunk_tokens = 2048
-    cpu_attention_kernel = True  # the compiled causal attention for fp32 (kernels/attention_cpu.py)
 
-    def __init__(self, device: torch.device, dtype: torch.dtype = torch.float32):
+    def __init__(self, device: torch.device, dtype: torch.dtype = torch.float32, attention_kernel: bool = True):
         cuda = device.type == "cuda"
         self.onednn = device.type == "cpu" and onednn_works(dtype)
         self.linear = onednn_linear if self.onednn else F.linear
@@ -135,8 +134,9 @@ class Ops:
         self.swiglu = swiglu_triton  # the whole-batch path is CUDA's; CPU chunks call silu_mul_
         self.reward_head = reward_head_triton if cuda else reward_head_torch
         self.gather_rope_once = not cuda  # the Triton kernel gathers the tables itself
-        native = device.type == "cpu" and dtype == torch.float32 and self.cpu_attention_kernel
+        native = device.type == "cpu" and dtype == torch.float32 and attention_kernel  # kernels/attention_cpu.py
         self.attention_kernel = load_kernel() if native else None  # None: torch SDPA
+        self.attention_name = "varlen_attn" if cuda else "C++ kernel" if self.attention_kernel else "SDPA"
 
 
 class Block(nn.Module):
@@ -273,14 +273,14 @@ class PackedRewardModel(nn.Module):
         self.register_buffer("rope_sin", sin, persistent=False)
         self.ops: Ops | None = None  # set by to_device, which prepares the weights for the device
 
-    def to_device(self, device: torch.device, dtype: torch.dtype) -> "PackedRewardModel":
+    def to_device(self, device: torch.device, dtype: torch.dtype, attention_kernel: bool = True) -> "PackedRewardModel":
         """Move and cast the weights and prepare them for `device`'s kernels. Once per model: the CPU
         path packs the projection weights and releases the originals."""
         assert self.ops is None, "to_device runs once per model (copy the model first for another device)"
         self.to(device)
         for name, p in self.named_parameters():
             p.data = p.data.to(dtype)
-        self.ops = Ops(device, dtype)
+        self.ops = Ops(device, dtype, attention_kernel)
         for block in self.blocks:
             block.prepare(self.ops)
         return self

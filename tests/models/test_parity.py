@@ -4,6 +4,7 @@ the presence of a pad token, or the architecture."""
 
 from __future__ import annotations
 
+import logging
 import random
 import shutil
 
@@ -64,7 +65,7 @@ def test_batched_scores_equal_hf_alone(tiny_ckpt, arch, backend, pad_token, padd
 @pytest.mark.parametrize("attention", ["kernel", "sdpa"])
 @pytest.mark.parametrize("onednn", [True, False], ids=["onednn", "plain-torch"])
 @pytest.mark.parametrize("arch", PACKED_ARCHS)
-def test_cpu_token_chunks_match_hf_wherever_the_chunks_cut(tiny_ckpt, arch, onednn, attention, monkeypatch):
+def test_cpu_token_chunks_match_hf_wherever_the_chunks_cut(tiny_ckpt, arch, onednn, attention, monkeypatch, caplog):
     """On CPU everything after attention runs a chunk of tokens at a time, gate and up projected
     apart, on packed oneDNN weights (or, where the oneDNN probe fails, F.linear on the modules'
     weights). With 64-token chunks every long item straddles chunk boundaries, and putting a
@@ -75,10 +76,11 @@ def test_cpu_token_chunks_match_hf_wherever_the_chunks_cut(tiny_ckpt, arch, oned
         monkeypatch.setattr(packed, "onednn_works", lambda dtype: False)
     if attention == "kernel":
         require_tool(shutil.which("g++") is not None, "g++ (the CPU attention kernel)")
-    else:
-        monkeypatch.setattr(Ops, "cpu_attention_kernel", False)
     path = tiny_ckpt(arch)
-    loaded = load_model(Settings(model=str(path), warmup=False, backend="packed"))
+    with caplog.at_level(logging.INFO, logger="service.models.loading"):
+        loaded = load_model(Settings(model=str(path), warmup=False, backend="packed",
+                                     cpu_attention_kernel=attention == "kernel"))
+    assert ("attention: C++ kernel" if attention == "kernel" else "attention: SDPA") in caplog.text
     backend = loaded.backends[0]
     assert backend.model.ops.onednn is onednn and backend.model.ops.chunk_tokens == 64
     assert (backend.model.ops.attention_kernel is not None) is (attention == "kernel")
