@@ -175,5 +175,7 @@ def _varlen_cuda(q, k, v, batch, window):
     cu_q_t = torch.tensor(cu, dtype=torch.int32, device=q.device)
     cu_k_t = torch.tensor(cu_k, dtype=torch.int32, device=q.device)
     left = window - 1 if window else -1
+    # num_splits=1: no split-KV, whose split count follows max_k, i.e. the batch; with it a sequence's
+    # output would depend on its batch mates (torch documents bitwise batch invariance without it)
     return varlen_attn(q, kk, vv, cu_q_t, cu_k_t, max(lengths), max_k, window_size=(left, 0),
-                       enable_gqa=q.shape[1] != k.shape[1])
+                       enable_gqa=q.shape[1] != k.shape[1], num_splits=1)
