@@ -1,4 +1,4 @@
-// Causal attention over packed whole sequences, fp32, for CPUs: rewardserve's one C++ kernel.
+// Causal attention over packed segments, fp32, for CPUs: rewardserve's one C++ kernel.
 //
 // Why by hand: torch's CPU flash-attention kernel computes the whole L x L square for causal
 // sequences shorter than 512 tokens and half of the wasted blocks above that (measured on the

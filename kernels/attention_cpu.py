@@ -1,4 +1,4 @@
-"""Causal attention over packed whole sequences on CPU: a C++ kernel (`attention_cpu.cpp`) beside
+"""Causal attention over packed segments on CPU: a C++ kernel (`attention_cpu.cpp`) beside
 its PyTorch reference.
 
 This op is the exception to "Triton on CUDA, the reference on CPU": CUDA runs FlashAttention's
