@@ -31,7 +31,10 @@ from service.models.pooling import last_token_index
 from service.models.units import Shared, Unit
 
 FAMILIES = ("llama", "qwen2", "qwen3", "mistral")
-_ROPE_TYPES = ("default", "llama3", "linear", "yarn")
+# "dynamic" (NTK) rescales the frequencies only for a sequence longer than max_position_embeddings,
+# and the encoder never lets one through (max_length is capped there), so for every item we serve
+# HF's dynamic update keeps the original frequencies, which are what rotary_parameters returns.
+_ROPE_TYPES = ("default", "llama3", "linear", "yarn", "dynamic")
 
 
 @dataclass(frozen=True)
@@ -61,7 +64,7 @@ class DecoderConfig:
         rope = getattr(hf, "rope_parameters", None) or getattr(hf, "rope_scaling", None) or {}
         rope_type = rope.get("rope_type", rope.get("type", "default"))
         if rope_type not in _ROPE_TYPES:
-            return f"rope_type {rope_type!r} (dynamic scaling depends on the batch's longest sequence)"
+            return f"rope_type {rope_type!r} is not one of {_ROPE_TYPES}"
         if getattr(hf, "hidden_act", "silu") != "silu":
             return f"hidden_act {hf.hidden_act!r}"
         return None

@@ -10,14 +10,14 @@ import shutil
 
 import pytest
 import torch
-from transformers import AutoModelForSequenceClassification
+from transformers import AutoModelForSequenceClassification, LlamaConfig
 
 from service.config import Settings
 from service.models import packed
-from service.models.loading import load_model
+from service.models.loading import choose_backend, load_model
 from service.models.packed import Ops
 from tests.conftest import require_tool
-from tests.factories import ARCHS
+from tests.factories import ARCHS, MAX_POSITIONS
 
 TOL = 1e-4
 
@@ -146,16 +146,30 @@ ROPES = {
     "linear": {"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0},
     "yarn": {"rope_type": "yarn", "factor": 8.0, "original_max_position_embeddings": 64, "rope_theta": 10000.0},
     "theta": {"rope_type": "default", "rope_theta": 1000000.0},
+    "dynamic": {"rope_type": "dynamic", "factor": 4.0, "rope_theta": 10000.0},
 }
 
 
 @pytest.mark.parametrize("rope", sorted(ROPES))
 def test_packed_path_follows_rope_scaling(tiny_ckpt, rope):
+    """Up to the longest item served: the encoder caps items at max_position_embeddings, which is
+    also where HF's dynamic scaling would start to rescale."""
     path = tiny_ckpt("llama", rope_parameters=ROPES[rope])
     loaded = load_model(Settings(model=str(path), warmup=False, backend="packed"))
+    assert loaded.max_length == MAX_POSITIONS
     hf = AutoModelForSequenceClassification.from_pretrained(path).eval()
-    seqs = _random_seqs(loaded.encoder.vocab_size, [5, 90, 300, 511], seed=4, avoid={hf.config.pad_token_id})
+    seqs = _random_seqs(loaded.encoder.vocab_size, [5, 90, 300, 511, MAX_POSITIONS], seed=4,
+                        avoid={hf.config.pad_token_id})
     assert (loaded.backends[0].score(seqs).scores - _hf_alone(hf, seqs)).abs().max().item() <= TOL
+
+
+def test_a_rope_type_the_fast_path_lacks_falls_back_to_hf_with_the_reason():
+    config = LlamaConfig()
+    config.rope_parameters = {"rope_type": "longrope", "rope_theta": 10000.0}
+    kind, why = choose_backend("auto", config, None)
+    assert kind == "hf" and "'longrope' is not one of" in why and "dynamic" in why
+    with pytest.raises(ValueError, match="longrope"):
+        choose_backend("packed", config, None)
 
 
 def test_auto_backend_picks_packed_for_llama_family_and_hf_otherwise(tiny_ckpt):
