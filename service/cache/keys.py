@@ -1,9 +1,9 @@
 """Cache keys: what an item's score depends on, hashed.
 
 A key hashes (1) the model fingerprint, a digest of the weights files and config computed once at
-load; (2) the scoring configuration: dtype, backend, heads (and, later, transforms); (3) the exact
-token ids. Change any of them and the key changes, so the cache can never serve another model's or
-another configuration's answer.
+load; (2) the scoring configuration: dtype, backend, attention implementation, heads (and, later,
+transforms); (3) the exact token ids. Change any of them and the key changes, so the cache can never
+serve another model's or another configuration's answer.
 """
 
 from __future__ import annotations

@@ -106,7 +106,7 @@ class Engine:
             return None
         self.fingerprint = model_fingerprint(m.model_dir)
         # everything besides the weights and the ids that decides a score goes into the key
-        scoring = f"dtype={m.dtype};backend={m.backend};labels={m.num_labels}"
+        scoring = f"dtype={m.dtype};backend={m.backend};attention={m.attention};labels={m.num_labels}"
         self.keys = KeyMaker(self.fingerprint, scoring, s.cache_prefix)
         lru = LRU(s.lru_items) if s.lru_items else None
         redis = None

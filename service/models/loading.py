@@ -76,6 +76,11 @@ class LoadedModel:
     def devices(self) -> list[str]:
         return [str(b.device) for b in self.backends]
 
+    @property
+    def attention(self) -> str:
+        """The packed path's attention (varlen_attn, C++ kernel or SDPA); "" on the HF path."""
+        return self.backends[0].model.ops.attention_name if self.backend == "packed" else ""
+
 
 def _model_dir(source: str, common: dict, want_safetensors: bool) -> Path:
     """The local directory holding the checkpoint (downloading a hub snapshot when it is a hub id)."""
@@ -154,11 +159,12 @@ def load_model(settings: Settings) -> LoadedModel:
             backends.append(HFBackend(replica.to(device), device, settings.max_batch_tokens))
     encoder = ItemEncoder(tokenizer, max_length=max_length, vocab_size=vocab)
     labels = [config.id2label.get(i, f"LABEL_{i}") for i in range(config.num_labels)]
-    attention = ", attention: " + backends[0].model.ops.attention_name if kind == "packed" else ""
-    log.info("loaded %s (%s, %s) on %s with the %s backend (%s%s), max_length=%d", source, archs, dtype, devices,
-             kind, why, attention, max_length)
-    return LoadedModel(
+    loaded = LoadedModel(
         name=settings.model_name, source=source, model_dir=model_dir, architecture=(archs or ["unknown"])[0],
         num_labels=config.num_labels, labels=labels, max_length=max_length, dtype=dtype, encoder=encoder,
         pad_token_id=pad_id, backend=kind, backends=backends,
     )
+    attention = f", attention: {loaded.attention}" if loaded.attention else ""
+    log.info("loaded %s (%s, %s) on %s with the %s backend (%s%s), max_length=%d", source, archs, dtype, devices,
+             kind, why, attention, max_length)
+    return loaded
