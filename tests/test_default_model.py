@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -45,6 +46,7 @@ def test_serve_with_no_arguments_serves_the_embedded_model(default_server):
     [card] = httpx.get(default_server + "/v1/models").json()["data"]
     assert card["id"] == DEFAULT_MODEL_NAME and card["architecture"] == "LlamaForSequenceClassification"
     assert card["backend"] == "packed" and card["source"] == str(DEFAULT_MODEL_DIR)
+    assert card["attention"] == ("C++ kernel" if shutil.which("g++") else "SDPA")  # make test installs g++
     files = {p.name for p in DEFAULT_MODEL_DIR.iterdir()}
     assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"} <= files
     assert sum(p.stat().st_size for p in DEFAULT_MODEL_DIR.iterdir()) < 20 * 2**20  # a few MB

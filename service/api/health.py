@@ -35,7 +35,7 @@ async def models(engine: ReadyEngine) -> ModelList:
     card = ModelCard(
         id=m.name, source=m.source, architecture=m.architecture, num_labels=m.num_labels, labels=m.labels,
         max_length=m.max_length, dtype=str(m.dtype).removeprefix("torch."), devices=m.devices,
-        backend=m.backend, fingerprint=engine.fingerprint,
+        backend=m.backend, attention=m.attention, fingerprint=engine.fingerprint,
     )
     return ModelList(data=[card])
 

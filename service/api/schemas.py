@@ -175,6 +175,8 @@ class ModelCard(BaseModel):
     dtype: str
     devices: list[str]
     backend: str = Field(description="packed (the fast path) or hf (padded AutoModelForSequenceClassification).")
+    attention: str = Field("", description="The packed path's attention: varlen_attn (CUDA), C++ kernel or SDPA "
+                                           "(CPU); empty on the hf path.")
     fingerprint: str | None = Field(None, description="Digest of the weights and config (set when caching is on).")
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
@@ -129,7 +131,7 @@ def test_models_health_ready_metrics_docs(server, client, ckpt):
     assert card | {"source": None} == {
         "id": server.engine.name, "object": "model", "source": None, "architecture": "Qwen2ForSequenceClassification",
         "num_labels": 1, "labels": ["LABEL_0"], "max_length": 64, "dtype": "float32", "devices": ["cpu"],
-        "backend": "packed",
+        "backend": "packed", "attention": "C++ kernel" if shutil.which("g++") else "SDPA",
     }
     client.post("/v1/score", json={"items": [{"text": "count me"}]})
     text = client.get("/metrics").text
