@@ -111,6 +111,12 @@ def cmd_bench_bon(args: argparse.Namespace) -> None:
                            args.backend)).decode())
 
 
+def cmd_bench_attention(args: argparse.Namespace) -> None:
+    from service.bench.attention import run
+
+    print(orjson.dumps(run(args.items, args.min_len, args.max_len, args.repeats, args.batch_tokens)).decode())
+
+
 def cmd_drift(args: argparse.Namespace) -> None:
     from service.drift_cli import run
 
@@ -175,6 +181,14 @@ def build_parser() -> argparse.ArgumentParser:
     bon.add_argument("--backend", choices=("packed", "hf"), default="packed",
                      help="packed: tree-shaped batch; hf: padded HF model with the prompt's KV cache")
     bon.set_defaults(func=cmd_bench_bon)
+
+    attn = bench_sub.add_parser("attention", help="CPU: the C++ attention kernel vs torch SDPA, alone and in the model")
+    attn.add_argument("--items", type=int, default=32, help="sequences in the workload (bench throughput's)")
+    attn.add_argument("--min-len", type=int, default=32)
+    attn.add_argument("--max-len", type=int, default=1024)
+    attn.add_argument("--repeats", type=int, default=5, help="alternating runs (median reported)")
+    attn.add_argument("--batch-tokens", type=int, default=16384, help="the first batch of this budget is timed")
+    attn.set_defaults(func=cmd_bench_attention)
     return parser
 
 

@@ -12,15 +12,16 @@ import pytest
 from tests.conftest import require_tool
 
 
+def _bench(*args: str) -> dict:
+    """Runs `rewardserve bench ARGS` and returns its final JSON line."""
+    proc = subprocess.run([sys.executable, "-m", "service.cli", "bench", *args], capture_output=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr.decode()[-2000:]
+    return json.loads(proc.stdout.decode().strip().splitlines()[-1])
+
+
 def test_bench_cache_reports_hits_next_to_healthz(tiny_ckpt):
     require_tool(shutil.which("redis-server") is not None, "redis-server")
-    proc = subprocess.run(
-        [sys.executable, "-m", "service.cli", "bench", "cache", "--model", str(tiny_ckpt("llama")),
-         "--duration", "0.5", "--concurrency", "4"],
-        capture_output=True, timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr.decode()[-2000:]
-    result = json.loads(proc.stdout.decode().strip().splitlines()[-1])
+    result = _bench("cache", "--model", str(tiny_ckpt("llama")), "--duration", "0.5", "--concurrency", "4")
     assert result["bench"] == "cache" and [r["tier"] for r in result["results"]] == ["lru", "redis"]
     for row in result["results"]:
         for phase in ("healthz", "score_hits"):
@@ -30,13 +31,7 @@ def test_bench_cache_reports_hits_next_to_healthz(tiny_ckpt):
 
 
 def test_bench_throughput_runs_all_three_paths_and_prints_json():
-    proc = subprocess.run(
-        [sys.executable, "-m", "service.cli", "bench", "throughput", "--items", "3", "--min-len", "8",
-         "--max-len", "40", "--repeats", "1"],
-        capture_output=True, timeout=600,
-    )
-    assert proc.returncode == 0, proc.stderr.decode()[-2000:]
-    result = json.loads(proc.stdout.decode().strip().splitlines()[-1])
+    result = _bench("throughput", "--items", "3", "--min-len", "8", "--max-len", "40", "--repeats", "1")
     assert result["bench"] == "throughput" and result["dtype"] == "float32"
     assert set(result["paths"]) == {"a_hf_arrival_order", "b_hf_length_sorted", "c_packed"}
     assert result["paths"]["a_hf_arrival_order"]["ratio_vs_a"] == 1.0
@@ -46,15 +41,19 @@ def test_bench_throughput_runs_all_three_paths_and_prints_json():
     assert len(result["gemm_flops_per_round"]) == 1  # measured in each round beside the paths
 
 
+def test_bench_attention_compares_the_kernel_with_sdpa_alone_and_in_the_model():
+    require_tool(shutil.which("g++") is not None, "g++ (the CPU attention kernel)")
+    result = _bench("attention", "--items", "4", "--min-len", "8", "--max-len", "90", "--repeats", "1")
+    assert result["bench"] == "attention" and result["items"] == 4 and 4 * 8 <= result["tokens"] <= 4 * 90
+    assert set(result["attention"]) == set(result["model"]) == {"kernel", "sdpa"}
+    assert all(row["gflops"] > 0 for row in result["attention"].values())
+    assert all(row["tokens_per_s"] > 0 for row in result["model"].values())
+    assert result["max_abs_diff"] <= 1e-5 and result["attention_speedup"] > 0 and result["model_ratio"] > 0
+
+
 @pytest.mark.parametrize("backend", ["packed", "hf"])
 def test_bench_bon_reports_shared_vs_independent_and_the_ideal(backend):
-    proc = subprocess.run(
-        [sys.executable, "-m", "service.cli", "bench", "bon", "--shapes", "24x3x4", "--groups", "1", "--repeats", "1",
-         "--backend", backend],
-        capture_output=True, timeout=600,
-    )
-    assert proc.returncode == 0, proc.stderr.decode()[-2000:]
-    result = json.loads(proc.stdout.decode().strip().splitlines()[-1])
+    result = _bench("bon", "--shapes", "24x3x4", "--groups", "1", "--repeats", "1", "--backend", backend)
     assert result["backend"] == backend
     [row] = result["results"]
     assert (row["prompt"], row["n"], row["response"]) == (24, 3, 4)

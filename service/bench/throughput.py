@@ -56,6 +56,19 @@ def workload(n_items: int, lo: int, hi: int, vocab: int, seed: int = 0) -> list[
     return [[rng.randrange(1, vocab) for _ in range(rng.randint(lo, hi))] for _ in range(n_items)]
 
 
+def batches_by_tokens(seqs: list[list[int]], budget: int) -> list[list[list[int]]]:
+    """Arrival order, a batch closing before it would pass `budget` tokens: how the batcher feeds
+    the packed path."""
+    out, cur, n = [], [], 0
+    for x in seqs:
+        if cur and n + len(x) > budget:
+            out.append(cur)
+            cur, n = [], 0
+        cur.append(x)
+        n += len(x)
+    return out + ([cur] if cur else [])
+
+
 def model_flops_per_token(cfg, seqs: list[list[int]]) -> float:
     """2 x (non-embedding weights) per token, plus causal attention (QK^T and AV) of this workload."""
     h, i, layers = cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers
@@ -139,23 +152,13 @@ def run(device_name: str, dtype_name: str, n_items: int, lo: int, hi: int, repea
     paths = {"a_hf_arrival_order": ArrivalOrderHF(hf.model, device, batch_items, 0), "b_hf_length_sorted": hf,
              "c_packed": fast}
 
-    def batches_by_tokens(s: list[list[int]]):  # how the batcher feeds (b) and (c)
-        out, cur, n = [], [], 0
-        for x in s:
-            if cur and n + len(x) > batch_tokens:
-                out.append(cur)
-                cur, n = [], 0
-            cur.append(x)
-            n += len(x)
-        return out + ([cur] if cur else [])
-
     def once(name: str) -> float:
         _sync(device)
         t = time.perf_counter()
         if name.startswith("a_"):
             paths[name].score(seqs)
         else:
-            for b in batches_by_tokens(seqs):
+            for b in batches_by_tokens(seqs, batch_tokens):
                 paths[name].score(b)
         _sync(device)
         return tokens / (time.perf_counter() - t)
