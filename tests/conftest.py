@@ -30,6 +30,16 @@ def require_tool(found: bool, what: str) -> None:
     pytest.skip(f"{what} not installed (install it, or run `make test`)")
 
 
+KERNEL_TOOL = "a g++ that builds the CPU attention kernel (GNU g++ with OpenMP; `make test` installs it)"
+
+
+def attention_kernel_builds() -> bool:
+    """Whether kernels/attention_cpu.cpp compiles and loads here (built once, then cached)."""
+    from kernels.attention_cpu import load_kernel
+
+    return load_kernel() is not None
+
+
 @pytest.fixture(scope="session")
 def tiny_ckpt(tmp_path_factory):
     """tiny_ckpt(arch, **opts) -> path of a tiny random checkpoint, built once per session per options."""

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from tests.conftest import require_tool
+from tests.conftest import KERNEL_TOOL, attention_kernel_builds, require_tool
 
 
 def _bench(*args: str) -> dict:
@@ -42,7 +42,7 @@ def test_bench_throughput_runs_all_three_paths_and_prints_json():
 
 
 def test_bench_attention_compares_the_kernel_with_sdpa_alone_and_in_the_model():
-    require_tool(shutil.which("g++") is not None, "g++ (the CPU attention kernel)")
+    require_tool(attention_kernel_builds(), KERNEL_TOOL)
     result = _bench("attention", "--items", "4", "--min-len", "8", "--max-len", "90", "--repeats", "1")
     assert result["bench"] == "attention" and result["items"] == 4 and 4 * 8 <= result["tokens"] <= 4 * 90
     assert set(result["attention"]) == set(result["model"]) == {"kernel", "sdpa"}

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -16,6 +15,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from service.bench.proc import free_port
 from service.config import DEFAULT_MODEL_DIR, DEFAULT_MODEL_NAME
+from tests.conftest import attention_kernel_builds
 
 EVAL = json.loads((DEFAULT_MODEL_DIR / "eval.json").read_text())
 
@@ -46,7 +46,7 @@ def test_serve_with_no_arguments_serves_the_embedded_model(default_server):
     [card] = httpx.get(default_server + "/v1/models").json()["data"]
     assert card["id"] == DEFAULT_MODEL_NAME and card["architecture"] == "LlamaForSequenceClassification"
     assert card["backend"] == "packed" and card["source"] == str(DEFAULT_MODEL_DIR)
-    assert card["attention"] == ("C++ kernel" if shutil.which("g++") else "SDPA")  # make test installs g++
+    assert card["attention"] == ("C++ kernel" if attention_kernel_builds() else "SDPA")  # make test installs g++
     files = {p.name for p in DEFAULT_MODEL_DIR.iterdir()}
     assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"} <= files
     assert sum(p.stat().st_size for p in DEFAULT_MODEL_DIR.iterdir()) < 20 * 2**20  # a few MB

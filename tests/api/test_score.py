@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import shutil
-
 import pytest
 import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from service.config import Settings
+from tests.conftest import attention_kernel_builds
 from tests.server import serve
 
 
@@ -131,7 +130,7 @@ def test_models_health_ready_metrics_docs(server, client, ckpt):
     assert card | {"source": None} == {
         "id": server.engine.name, "object": "model", "source": None, "architecture": "Qwen2ForSequenceClassification",
         "num_labels": 1, "labels": ["LABEL_0"], "max_length": 64, "dtype": "float32", "devices": ["cpu"],
-        "backend": "packed", "attention": "C++ kernel" if shutil.which("g++") else "SDPA",
+        "backend": "packed", "attention": "C++ kernel" if attention_kernel_builds() else "SDPA",
     }
     client.post("/v1/score", json={"items": [{"text": "count me"}]})
     text = client.get("/metrics").text

@@ -9,7 +9,6 @@ unit-variance values) differ by a few ulps of 1: atol = rtol = 1e-5.
 from __future__ import annotations
 
 import logging
-import shutil
 
 import pytest
 import torch
@@ -17,17 +16,15 @@ import torch.nn.functional as F
 
 from kernels import attention_cpu
 from kernels.attention_cpu import causal_attention_torch, load_kernel
-from tests.conftest import require_tool
+from tests.conftest import KERNEL_TOOL, attention_kernel_builds, require_tool
 
 TOL = dict(atol=1e-5, rtol=1e-5)
 
 
 @pytest.fixture(scope="module")
 def kernel():
-    require_tool(shutil.which("g++") is not None, "g++ (the CPU attention kernel is compiled on first use)")
-    fn = load_kernel()
-    assert fn is not None, "g++ is here but the kernel did not build: see the warning logged above"
-    return fn
+    require_tool(attention_kernel_builds(), KERNEL_TOOL)
+    return load_kernel()
 
 
 def _packed(hq: int, hk: int, d: int, lens: list[int], seed: int = 0):

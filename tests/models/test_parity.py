@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import logging
 import random
-import shutil
 
 import pytest
 import torch
@@ -16,7 +15,7 @@ from service.config import Settings
 from service.models import packed
 from service.models.loading import choose_backend, load_model
 from service.models.packed import Ops
-from tests.conftest import require_tool
+from tests.conftest import KERNEL_TOOL, attention_kernel_builds, require_tool
 from tests.factories import ARCHS, MAX_POSITIONS
 
 TOL = 1e-4
@@ -75,7 +74,7 @@ def test_cpu_token_chunks_match_hf_wherever_the_chunks_cut(tiny_ckpt, arch, oned
     if not onednn:
         monkeypatch.setattr(packed, "onednn_works", lambda dtype: False)
     if attention == "kernel":
-        require_tool(shutil.which("g++") is not None, "g++ (the CPU attention kernel)")
+        require_tool(attention_kernel_builds(), KERNEL_TOOL)
     path = tiny_ckpt(arch)
     with caplog.at_level(logging.INFO, logger="service.models.loading"):
         loaded = load_model(Settings(model=str(path), warmup=False, backend="packed",
