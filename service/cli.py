@@ -114,7 +114,8 @@ def cmd_bench_bon(args: argparse.Namespace) -> None:
 def cmd_bench_attention(args: argparse.Namespace) -> None:
     from service.bench.attention import run
 
-    print(orjson.dumps(run(args.items, args.min_len, args.max_len, args.repeats, args.batch_tokens)).decode())
+    print(orjson.dumps(run(args.items, args.min_len, args.max_len, args.repeats, args.batch_tokens,
+                           args.dtype)).decode())
 
 
 def cmd_drift(args: argparse.Namespace) -> None:
@@ -188,6 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
     attn.add_argument("--max-len", type=int, default=1024)
     attn.add_argument("--repeats", type=int, default=5, help="alternating runs (median reported)")
     attn.add_argument("--batch-tokens", type=int, default=16384, help="the first batch of this budget is timed")
+    attn.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     attn.set_defaults(func=cmd_bench_attention)
     return parser
 

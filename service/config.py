@@ -47,8 +47,8 @@ class Settings(BaseSettings):
     revision: str | None = Field(None, description="Hub revision, when `model` is a hub id.")
     cpu_threads: int | None = Field(None, ge=1, description="torch threads for CPU inference (default: all cores).")
     cpu_attention_kernel: bool = Field(
-        True, description="On CPU in fp32, run attention in rewardserve's C++ kernel (compiled with g++ on first load; "
-                          "torch SDPA when off or when it cannot be built)."
+        True, description="On CPU (fp32, bf16), run attention in rewardserve's C++ kernel (compiled with g++ on "
+                          "first load; torch SDPA when off or when it cannot be built)."
     )
     cpu_keep_memory: bool = Field(
         True, description="On CPU, make glibc reuse freed activation memory instead of page-faulting it afresh "

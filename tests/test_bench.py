@@ -41,14 +41,17 @@ def test_bench_throughput_runs_all_three_paths_and_prints_json():
     assert len(result["gemm_flops_per_round"]) == 1  # measured in each round beside the paths
 
 
-def test_bench_attention_compares_the_kernel_with_sdpa_alone_and_in_the_model():
+@pytest.mark.parametrize("dtype,tol", [("float32", 1e-5), ("bfloat16", 0.05)])
+def test_bench_attention_compares_the_kernel_with_sdpa_alone_and_in_the_model(dtype, tol):
     require_tool(attention_kernel_builds(), KERNEL_TOOL)
-    result = _bench("attention", "--items", "4", "--min-len", "8", "--max-len", "90", "--repeats", "1")
-    assert result["bench"] == "attention" and result["items"] == 4 and 4 * 8 <= result["tokens"] <= 4 * 90
+    result = _bench("attention", "--items", "4", "--min-len", "8", "--max-len", "90", "--repeats", "1",
+                    "--dtype", dtype)
+    assert result["bench"] == "attention" and result["dtype"] == dtype
+    assert result["items"] == 4 and 4 * 8 <= result["tokens"] <= 4 * 90
     assert set(result["attention"]) == set(result["model"]) == {"kernel", "sdpa"}
     assert all(row["gflops"] > 0 for row in result["attention"].values())
     assert all(row["tokens_per_s"] > 0 for row in result["model"].values())
-    assert result["max_abs_diff"] <= 1e-5 and result["attention_speedup"] > 0 and result["model_ratio"] > 0
+    assert result["max_abs_diff"] <= tol and result["attention_speedup"] > 0 and result["model_ratio"] > 0
 
 
 @pytest.mark.parametrize("backend", ["packed", "hf"])

@@ -5,7 +5,8 @@ token-budget batch is what both implementations see, as the packed model would h
 and v as views of one fused projection. Rounds alternate the implementations. It prints each one's
 rate in GFLOP/s of useful causal work (QK^T and PV below the diagonal only), the kernel's speed-up,
 their largest difference, and then the whole packed model's tokens/s with each attention, so the
-end-to-end effect is measured in the same run.
+end-to-end effect is measured in the same run. In bf16 the kernel's times include converting q, k
+and v to fp32 and the output back, as the model does.
 """
 
 from __future__ import annotations
@@ -31,10 +32,11 @@ def _timed(fn) -> float:
     return time.perf_counter() - t
 
 
-def run(n_items: int, lo: int, hi: int, repeats: int, batch_tokens: int) -> dict:
+def run(n_items: int, lo: int, hi: int, repeats: int, batch_tokens: int, dtype_name: str = "float32") -> dict:
     kernel = load_kernel()
     if kernel is None:
         raise SystemExit("the CPU attention kernel cannot be built here (see the warning above): nothing to compare")
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype_name]
     shape = SHAPES["cpu"]
     hq, hk = shape["num_attention_heads"], shape["num_key_value_heads"]
     d = shape["hidden_size"] // hq
@@ -45,7 +47,7 @@ def run(n_items: int, lo: int, hi: int, repeats: int, batch_tokens: int) -> dict
         cu.append(cu[-1] + n)
     T = cu[-1]
     g = torch.Generator().manual_seed(0)
-    q, k, v = torch.randn(T, (hq + 2 * hk) * d, generator=g).split([hq * d, hk * d, hk * d], -1)
+    q, k, v = torch.randn(T, (hq + 2 * hk) * d, generator=g).to(dtype).split([hq * d, hk * d, hk * d], -1)
     q, k, v = q.view(T, hq, d), k.view(T, hk, d), v.view(T, hk, d)
     flops = sum(4 * hq * d * n * (n + 1) / 2 for n in lengths)
 
@@ -55,7 +57,7 @@ def run(n_items: int, lo: int, hi: int, repeats: int, batch_tokens: int) -> dict
 
     impls = {"kernel": (batch(), kernel), "sdpa": (batch(), None)}
     outs = {name: packed_causal_attention(q, k, v, b, None, fn) for name, (b, fn) in impls.items()}  # warm-up
-    max_diff = (outs["kernel"] - outs["sdpa"]).abs().max().item()
+    max_diff = (outs["kernel"].float() - outs["sdpa"].float()).abs().max().item()
     times: dict[str, list[float]] = {name: [] for name in impls}
     for _ in range(repeats):
         for name, (b, fn) in impls.items():
@@ -65,7 +67,7 @@ def run(n_items: int, lo: int, hi: int, repeats: int, batch_tokens: int) -> dict
 
     with tempfile.TemporaryDirectory() as tmp:
         path = build_checkpoint("cpu", hi, Path(tmp))
-        base = dict(model=str(path), dtype="float32", devices="cpu", max_batch_tokens=batch_tokens, warmup=False,
+        base = dict(model=str(path), dtype=dtype_name, devices="cpu", max_batch_tokens=batch_tokens, warmup=False,
                     lru_items=0, backend="packed")
         models = {name: load_model(Settings(**base, cpu_attention_kernel=name == "kernel")).backends[0]
                   for name in impls}
@@ -85,7 +87,7 @@ def run(n_items: int, lo: int, hi: int, repeats: int, batch_tokens: int) -> dict
               f"model {model[name]['tokens_per_s']:8.1f} tok/s", flush=True)
     print(f"kernel vs sdpa: attention x{speedup:.2f}, model x{model_ratio:.3f}, max |diff| {max_diff:.1e}", flush=True)
     return {
-        "bench": "attention", "device": device_label(torch.device("cpu")), "dtype": "float32",
+        "bench": "attention", "device": device_label(torch.device("cpu")), "dtype": dtype_name,
         "heads": [hq, hk, d], "items": len(lengths), "tokens": T, "lengths": [lo, hi], "repeats": repeats,
         "attention": attention, "model": model, "attention_speedup": round(speedup, 3),
         "model_ratio": round(model_ratio, 3), "max_abs_diff": max_diff,

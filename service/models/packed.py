@@ -137,7 +137,7 @@ class Ops:
         self.swiglu = swiglu_triton  # the whole-batch path is CUDA's; CPU chunks call silu_mul_
         self.reward_head = reward_head_triton if cuda else reward_head_torch
         self.gather_rope_once = not cuda  # the Triton kernel gathers the tables itself
-        native = device.type == "cpu" and dtype == torch.float32 and attention_kernel  # kernels/attention_cpu.py
+        native = device.type == "cpu" and dtype in (torch.float32, torch.bfloat16) and attention_kernel
         self.attention_kernel = load_kernel() if native else None  # None: torch SDPA
         self.attention_name = "varlen_attn" if cuda else "C++ kernel" if self.attention_kernel else "SDPA"
 

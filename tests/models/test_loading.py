@@ -7,14 +7,20 @@ import torch
 
 from service.config import Settings
 from service.models.loading import load_model, resolve_devices, resolve_dtype
+from tests.conftest import KERNEL_TOOL, attention_kernel_builds, require_tool
 
 
-def test_bfloat16_on_cpu_scores_close_to_float32(tiny_ckpt):
+@pytest.mark.parametrize("kernel", [True, False], ids=["kernel", "sdpa"])
+def test_bfloat16_on_cpu_scores_close_to_float32(tiny_ckpt, kernel):
+    """bf16 on CPU: attention in the C++ kernel (in fp32, converted each way) or in bf16 SDPA."""
+    if kernel:
+        require_tool(attention_kernel_builds(), KERNEL_TOOL)
     path = tiny_ckpt("qwen3")
     seqs = [[5, 6, 7, 8], list(range(10, 60)), [9] * 100]
     f32 = load_model(Settings(model=str(path), dtype="float32")).backends[0].score(seqs).scores
-    bf16_model = load_model(Settings(model=str(path), dtype="bfloat16"))
+    bf16_model = load_model(Settings(model=str(path), dtype="bfloat16", cpu_attention_kernel=kernel))
     assert bf16_model.dtype == torch.bfloat16
+    assert bf16_model.attention == ("C++ kernel" if kernel else "SDPA")
     bf16 = bf16_model.backends[0].score(seqs).scores
     assert bf16.dtype == torch.float32  # the head's output always leaves as fp32
     assert (bf16 - f32).abs().max().item() < 0.1 * f32.abs().max().item()
