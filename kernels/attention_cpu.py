@@ -39,10 +39,10 @@ _I64 = ctypes.c_int64
 _ARGTYPES = [ctypes.c_void_p] * 4 + [_I64] * 7 + [ctypes.c_void_p] * 4 + [_I64, _I64, ctypes.c_float, _I64]
 
 
-def causal_attention_torch(q, k, v, starts, lens, window: int | None, out: torch.Tensor | None = None,
-                           prefix_starts=None, prefix_lens=None) -> torch.Tensor:
+def causal_attention_torch(q, k, v, starts, lens, window: int | None, prefix_starts=None,
+                           prefix_lens=None) -> torch.Tensor:
     """The reference: per segment, softmax(q k^T / sqrt(D) + mask) v in plain torch. -> (T, Hq, D)"""
-    out = torch.empty_like(q) if out is None else out
+    out = torch.empty_like(q)
     groups = q.shape[1] // k.shape[1]
     if prefix_lens is None:
         prefix_starts = prefix_lens = torch.zeros_like(lens)

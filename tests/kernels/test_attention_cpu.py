@@ -75,7 +75,7 @@ def test_responses_attend_to_their_prompt_in_place(kernel, heads, window):
     lens = torch.tensor([prompt, *responses])
     pre_starts, pre_lens = torch.zeros(5, dtype=torch.int64), torch.tensor([0] + [prompt] * 4)
     out = kernel(q, k, v, starts, lens, window, None, pre_starts, pre_lens)
-    ref = causal_attention_torch(q, k, v, starts, lens, window, None, pre_starts, pre_lens)
+    ref = causal_attention_torch(q, k, v, starts, lens, window, pre_starts, pre_lens)
     torch.testing.assert_close(out, ref, **TOL)
     for start, n in zip(starts[1:].tolist(), responses):
         rows = torch.cat([torch.arange(prompt), torch.arange(start, start + n)])

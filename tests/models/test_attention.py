@@ -58,6 +58,6 @@ def test_the_flashattention_arguments_describe_our_attention(monkeypatch):
     for window in (None, 1, 12):
         CALLS.clear()
         out = attention._varlen_cuda(q, k, v, batch, window)
-        ref = causal_attention_torch(q, k, v, starts, lens_t, window, None, pre_starts, pre_lens)
+        ref = causal_attention_torch(q, k, v, starts, lens_t, window, pre_starts, pre_lens)
         torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
         assert CALLS == [dict(max_q=40, max_k=57, window_size=(window - 1 if window else -1, 0), num_splits=1)]
