@@ -11,16 +11,13 @@ Only the B pooled rows are read; the other T - B rows are never normalized.
 from __future__ import annotations
 
 import torch
-import triton
-import triton.language as tl
-
-from kernels import cast_rn
+from rewardserve.kernels._triton import cast_rn, jit, tl, triton
 
 _MAX_BLOCK_K = 16  # heads per program; more heads get more programs (each recomputes its row's rms)
 _TILE = 8192  # BLOCK_K * BLOCK_H: the fp32 accumulator tile of a program (no register spills on sm_90)
 
 
-@triton.jit
+@jit
 def _load_row(hid_ptr, res_ptr, cols, mask, HAS_RESIDUAL: tl.constexpr, SOFT_BF16: tl.constexpr):
     """One chunk of the pooled row in fp32, the residual added and rounded to the model dtype."""
     x = tl.load(hid_ptr + cols, mask=mask, other=0.0)
@@ -30,7 +27,7 @@ def _load_row(hid_ptr, res_ptr, cols, mask, HAS_RESIDUAL: tl.constexpr, SOFT_BF1
     return x.to(tl.float32)
 
 
-@triton.jit
+@jit
 def _reward_head_kernel(
     hid_ptr, res_ptr, idx_ptr, nw_ptr, hw_ptr, hb_ptr, out_ptr,
     s_hid, s_res, s_hw,  # row strides (elements) of hidden, residual and head_weight
@@ -38,7 +35,7 @@ def _reward_head_kernel(
     NORM_IN_X_DTYPE: tl.constexpr,  # norm_weight * x promotes to x's dtype (else to fp32: nothing to round)
     HAS_RESIDUAL: tl.constexpr, HAS_BIAS: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
-    SOFT_BF16: tl.constexpr,  # round to bf16 by hand (CPU interpreter only, see kernels.cast_rn)
+    SOFT_BF16: tl.constexpr,  # round to bf16 by hand (CPU interpreter only, see _triton.cast_rn)
 ):
     """Program (b, j): sequence b, heads [j*BLOCK_K, (j+1)*BLOCK_K). Two passes over the pooled row:
     sum of squares, then normalize and dot with the head rows (the second read hits cache)."""

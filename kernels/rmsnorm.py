@@ -13,16 +13,13 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-import triton
-import triton.language as tl
-
-from kernels import cast_rn
+from rewardserve.kernels._triton import cast_rn, jit, tl, triton
 
 _MAX_BLOCK = 65536  # one row lives in registers; hidden sizes of real models are far below this
 _TILE = 1024  # short rows (Qwen3's per-head q/k norm, D = 128) are packed several to a program
 
 
-@triton.jit
+@jit
 def _rmsnorm_kernel(
     x_ptr, res_ptr, w_ptr, out_ptr, new_res_ptr,
     n_rows, inner,  # rows are indexed (outer, inner): row r = (r // inner, r % inner)
@@ -31,7 +28,7 @@ def _rmsnorm_kernel(
     HAS_RESIDUAL: tl.constexpr,
     ROWS: tl.constexpr,  # rows per program: 1 for hidden-size rows, several for short (head_dim) rows
     BLOCK: tl.constexpr,
-    SOFT_BF16: tl.constexpr,  # round to bf16 by hand (CPU interpreter only, see kernels.cast_rn)
+    SOFT_BF16: tl.constexpr,  # round to bf16 by hand (CPU interpreter only, see _triton.cast_rn)
 ):
     """Each program normalizes ROWS whole rows held in registers: read x (+ residual), write
     new_residual (if any) and out, both contiguous."""

@@ -12,13 +12,10 @@ largest term (it is the more accurate of the two). In fp32 both agree to a few f
 from __future__ import annotations
 
 import torch
-import triton
-import triton.language as tl
-
-from kernels import cast_rn
+from rewardserve.kernels._triton import cast_rn, jit, tl, triton
 
 
-@triton.jit
+@jit
 def _rope_heads(
     x_ptr, out_ptr, t, sx0, sx1, n_heads, c1, c2, s1, s2,
     HALF: tl.constexpr, BLOCK_HEADS: tl.constexpr, BLOCK_HALF: tl.constexpr, SOFT_BF16: tl.constexpr,
@@ -36,14 +33,14 @@ def _rope_heads(
     tl.store(dst + HALF, cast_rn(x2 * c2 + x1 * s2, dtype, SOFT_BF16), mask=mask)
 
 
-@triton.jit
+@jit
 def _rope_kernel(
     q_ptr, k_ptr, cos_ptr, sin_ptr, pos_ptr, q_out_ptr, k_out_ptr,
     sq0, sq1, sk0, sk1, s_cos, s_sin,  # element strides: q/k over (token, head), tables over position
     n_q_heads, n_k_heads,
     HALF: tl.constexpr,
     BLOCK_HALF: tl.constexpr, BLOCK_QH: tl.constexpr, BLOCK_KH: tl.constexpr,
-    SOFT_BF16: tl.constexpr,  # round to bf16 by hand (CPU interpreter only, see kernels.cast_rn)
+    SOFT_BF16: tl.constexpr,  # round to bf16 by hand (CPU interpreter only, see _triton.cast_rn)
 ):
     """One program per token: read its cos/sin row once, rotate every q head and every k head."""
     t = tl.program_id(0).to(tl.int64)

@@ -10,19 +10,16 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-import triton
-import triton.language as tl
-
-from kernels import cast_rn
+from rewardserve.kernels._triton import cast_rn, jit, tl, triton
 
 _MAX_BLOCK = 2048  # columns per program; wider rows (I = 14336, 28672...) get several programs
 
 
-@triton.jit
+@jit
 def _swiglu_kernel(
     gu_ptr, out_ptr, s_row, I,
     BLOCK: tl.constexpr,
-    SOFT_BF16: tl.constexpr,  # round to bf16 by hand (CPU interpreter only, see kernels.cast_rn)
+    SOFT_BF16: tl.constexpr,  # round to bf16 by hand (CPU interpreter only, see _triton.cast_rn)
 ):
     """Program (row, j) computes columns [j*BLOCK, (j+1)*BLOCK) of one row; fp32 math, one rounding."""
     row = tl.program_id(0).to(tl.int64)

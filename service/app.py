@@ -13,11 +13,11 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from service import __version__
-from service.api import admin, errors, health, rank, score
-from service.config import Settings
-from service.engine.engine import Engine
-from service.monitoring.metrics import Metrics
+from rewardserve import __version__
+from rewardserve.api import admin, errors, health, rank, score
+from rewardserve.config import Settings
+from rewardserve.engine.engine import Engine
+from rewardserve.monitoring.metrics import Metrics
 
 log = logging.getLogger(__name__)
 

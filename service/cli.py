@@ -19,8 +19,8 @@ from typing import Any
 import orjson
 from pydantic import ValidationError
 
-from service.config import Settings
-from service.drift_cli import add_arguments as add_drift_arguments
+from rewardserve.config import Settings
+from rewardserve.drift_cli import add_arguments as add_drift_arguments
 
 
 def _is_bool(annotation: Any) -> bool:
@@ -53,7 +53,7 @@ def settings_from_args(args: argparse.Namespace, **overrides: Any) -> Settings:
 def cmd_serve(args: argparse.Namespace) -> None:
     import uvicorn
 
-    from service.app import create_app
+    from rewardserve.app import create_app
 
     settings = settings_from_args(args)
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -62,7 +62,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
 
 def cmd_score(args: argparse.Namespace) -> None:
-    from service.offline import score_jsonl
+    from rewardserve.offline import score_jsonl
 
     # offline: the whole file is ours, so admission control must not reject our own chunks
     settings = settings_from_args(args, **({} if "max_queued_tokens" in vars(args) else {"max_queued_tokens": 10**12}))
@@ -82,7 +82,7 @@ def cmd_score(args: argparse.Namespace) -> None:
 
 
 def cmd_bench_cache(args: argparse.Namespace) -> None:
-    from service.bench.cache import run
+    from rewardserve.bench.cache import run
 
     tiers = [t.strip() for t in args.tiers.split(",") if t.strip()]
     result = run(args.model, tiers, args.duration, args.concurrency, args.items_per_request, args.redis_url)
@@ -92,7 +92,7 @@ def cmd_bench_cache(args: argparse.Namespace) -> None:
 def cmd_bench_throughput(args: argparse.Namespace) -> None:
     import torch
 
-    from service.bench.throughput import run
+    from rewardserve.bench.throughput import run
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     result = run(device, args.dtype, args.items, args.min_len, args.max_len, args.repeats, args.batch_tokens,
@@ -103,7 +103,7 @@ def cmd_bench_throughput(args: argparse.Namespace) -> None:
 def cmd_bench_bon(args: argparse.Namespace) -> None:
     import torch
 
-    from service.bench.bon import run
+    from rewardserve.bench.bon import run
 
     shapes = [tuple(int(x) for x in s.split("x")) for s in args.shapes.split(",")]
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -112,14 +112,14 @@ def cmd_bench_bon(args: argparse.Namespace) -> None:
 
 
 def cmd_bench_attention(args: argparse.Namespace) -> None:
-    from service.bench.attention import run
+    from rewardserve.bench.attention import run
 
     print(orjson.dumps(run(args.items, args.min_len, args.max_len, args.repeats, args.batch_tokens,
                            args.dtype)).decode())
 
 
 def cmd_drift(args: argparse.Namespace) -> None:
-    from service.drift_cli import run
+    from rewardserve.drift_cli import run
 
     raise SystemExit(run(args))
 

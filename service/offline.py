@@ -15,13 +15,13 @@ import orjson
 from pydantic import ValidationError
 from tqdm import tqdm
 
-from service.api.errors import field_path
-from service.api.schemas import Item
-from service.config import Settings
-from service.engine.engine import Engine
-from service.engine.types import Lane, Ticket
-from service.errors import ServiceError
-from service.monitoring.metrics import Metrics
+from rewardserve.api.errors import field_path
+from rewardserve.api.schemas import Item
+from rewardserve.config import Settings
+from rewardserve.engine.engine import Engine
+from rewardserve.engine.types import Lane, Ticket
+from rewardserve.errors import ServiceError
+from rewardserve.monitoring.metrics import Metrics
 
 _ITEM_FIELDS = set(Item.model_fields)
 CHUNK_ITEMS = 512

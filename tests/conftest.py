@@ -35,7 +35,7 @@ KERNEL_TOOL = "a g++ that builds the CPU attention kernel (GNU g++ with OpenMP; 
 
 def attention_kernel_builds() -> bool:
     """Whether kernels/attention_cpu.cpp compiles and loads here (built once, then cached)."""
-    from kernels.attention_cpu import load_kernel
+    from rewardserve.kernels.attention_cpu import load_kernel
 
     return load_kernel() is not None
 

@@ -10,7 +10,7 @@ import time
 
 import redis
 
-from service.bench.proc import free_port
+from rewardserve.bench.proc import free_port
 from tests.conftest import require_tool
 
 

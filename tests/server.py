@@ -11,8 +11,8 @@ from typing import Iterator
 import httpx
 import uvicorn
 
-from service.app import create_app
-from service.config import Settings
+from rewardserve.app import create_app
+from rewardserve.config import Settings
 
 
 class RunningServer:

@@ -14,7 +14,7 @@ from tests.conftest import KERNEL_TOOL, attention_kernel_builds, require_tool
 
 def _bench(*args: str) -> dict:
     """Runs `rewardserve bench ARGS` and returns its final JSON line."""
-    proc = subprocess.run([sys.executable, "-m", "service.cli", "bench", *args], capture_output=True, timeout=600)
+    proc = subprocess.run([sys.executable, "-m", "rewardserve.cli", "bench", *args], capture_output=True, timeout=600)
     assert proc.returncode == 0, proc.stderr.decode()[-2000:]
     return json.loads(proc.stdout.decode().strip().splitlines()[-1])
 

@@ -9,8 +9,8 @@ import sys
 
 import pytest
 
-from service.cli import build_parser, settings_from_args
-from service.config import Settings
+from rewardserve.cli import build_parser, settings_from_args
+from rewardserve.config import Settings
 
 
 def test_every_setting_is_a_flag_and_flags_beat_the_environment(monkeypatch):
@@ -35,7 +35,7 @@ def test_serve_help_lists_every_setting_with_its_env_variable():
 
 def _run_score(args, stdin: bytes):
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    return subprocess.run([sys.executable, "-m", "service.cli", "score", *args], input=stdin, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "rewardserve.cli", "score", *args], input=stdin, capture_output=True,
                           env=env, timeout=300)
 
 

@@ -13,8 +13,8 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from service.bench.proc import free_port
-from service.config import DEFAULT_MODEL_DIR, DEFAULT_MODEL_NAME
+from rewardserve.bench.proc import free_port
+from rewardserve.config import DEFAULT_MODEL_DIR, DEFAULT_MODEL_NAME
 from tests.conftest import attention_kernel_builds
 
 EVAL = json.loads((DEFAULT_MODEL_DIR / "eval.json").read_text())
@@ -25,7 +25,7 @@ def default_server():
     """`rewardserve serve` exactly as the README's first command runs it (no model argument)."""
     port = free_port()
     env = dict(os.environ, RS_PORT=str(port), RS_LOG_LEVEL="warning")
-    proc = subprocess.Popen([sys.executable, "-m", "service.cli", "serve"], env=env)
+    proc = subprocess.Popen([sys.executable, "-m", "rewardserve.cli", "serve"], env=env)
     url = f"http://127.0.0.1:{port}"
     try:
         for _ in range(1200):

@@ -9,8 +9,8 @@ import sys
 
 import pytest
 
-from service import drift_cli
-from service.config import Settings
+from rewardserve import drift_cli
+from rewardserve.config import Settings
 from tests.server import serve
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -65,7 +65,7 @@ def test_unreachable_server_exits_2_with_a_clear_message(tmp_path, capsys):
     assert "cannot reach rewardserve at " + url in err
     assert not (tmp_path / "x.png").exists()
     # and as a process (the `python -m service.drift_cli` entry point)
-    proc = subprocess.run([sys.executable, "-m", "service.drift_cli", "--url", url, "--no-plot"],
+    proc = subprocess.run([sys.executable, "-m", "rewardserve.drift_cli", "--url", url, "--no-plot"],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "cannot reach" in proc.stderr
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from service.config import Settings
+from rewardserve.config import Settings
 from tests.conftest import require_tool
 
 CHART = Path(__file__).resolve().parents[1] / "helm" / "rewardserve"

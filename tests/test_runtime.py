@@ -12,7 +12,7 @@ def _faults_per_alloc(tune: bool) -> int:
     128 MiB, as a forward pass does) in a fresh interpreter, after a warm-up."""
     code = textwrap.dedent(f"""
         import resource, torch
-        from service.runtime import keep_freed_memory
+        from rewardserve.runtime import keep_freed_memory
         if {tune}:
             assert keep_freed_memory() and keep_freed_memory()  # idempotent
         def cycle():

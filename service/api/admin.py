@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from service.api.deps import ReadyEngine
-from service.errors import InvalidInput, ServiceError
+from rewardserve.api.deps import ReadyEngine
+from rewardserve.errors import InvalidInput, ServiceError
 
 
 class MonitoringOff(ServiceError):

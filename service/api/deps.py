@@ -7,8 +7,8 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
-from service.engine.engine import Engine
-from service.errors import ModelNotFound, NotReady
+from rewardserve.engine.engine import Engine
+from rewardserve.errors import ModelNotFound, NotReady
 
 
 def get_engine(request: Request) -> Engine:

@@ -9,8 +9,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from service.api.deps import ClientGone
-from service.errors import Overloaded, ServiceError
+from rewardserve.api.deps import ClientGone
+from rewardserve.errors import Overloaded, ServiceError
 
 log = logging.getLogger(__name__)
 

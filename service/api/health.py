@@ -5,9 +5,9 @@ from __future__ import annotations
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 
-from service.api.deps import EngineDep, ReadyEngine
-from service.api.schemas import ModelCard, ModelList
-from service.monitoring.metrics import CONTENT_TYPE
+from rewardserve.api.deps import EngineDep, ReadyEngine
+from rewardserve.api.schemas import ModelCard, ModelList
+from rewardserve.monitoring.metrics import CONTENT_TYPE
 
 router = APIRouter(tags=["operations"])
 

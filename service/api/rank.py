@@ -6,14 +6,14 @@ import math
 
 from fastapi import APIRouter, Request
 
-from service.api.deps import ReadyEngine, check_model, unless_disconnected
-from service.api.schemas import (
+from rewardserve.api.deps import ReadyEngine, check_model, unless_disconnected
+from rewardserve.api.schemas import (
     ERROR_RESPONSES, BestOfNRequest, BestOfNResponse, CompareRequest, CompareResponse, Comparison, Item, Options,
     Usage,
 )
-from service.engine.engine import Engine, ScoredItem
-from service.engine.types import Lane, Ticket
-from service.errors import RequestTooLarge
+from rewardserve.engine.engine import Engine, ScoredItem
+from rewardserve.engine.types import Lane, Ticket
+from rewardserve.errors import RequestTooLarge
 
 router = APIRouter(tags=["ranking"])
 

@@ -6,9 +6,9 @@ import time
 
 from fastapi import APIRouter, Request, Response
 
-from service.api.deps import ReadyEngine
-from service.api.rank import score_grouped
-from service.api.schemas import ERROR_RESPONSES, Item, ItemResult, ScoreRequest, ScoreResponse, Usage
+from rewardserve.api.deps import ReadyEngine
+from rewardserve.api.rank import score_grouped
+from rewardserve.api.schemas import ERROR_RESPONSES, Item, ItemResult, ScoreRequest, ScoreResponse, Usage
 
 router = APIRouter(tags=["scoring"])
 

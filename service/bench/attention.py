@@ -18,12 +18,12 @@ from pathlib import Path
 
 import torch
 
-from kernels.attention_cpu import load_kernel
-from service.bench.throughput import SHAPES, batches_by_tokens, build_checkpoint, device_label, workload
-from service.config import Settings
-from service.models.attention import packed_causal_attention
-from service.models.loading import load_model
-from service.models.packed import PackedBatch
+from rewardserve.kernels.attention_cpu import load_kernel
+from rewardserve.bench.throughput import SHAPES, batches_by_tokens, build_checkpoint, device_label, workload
+from rewardserve.config import Settings
+from rewardserve.models.attention import packed_causal_attention
+from rewardserve.models.loading import load_model
+from rewardserve.models.packed import PackedBatch
 
 
 def _timed(fn) -> float:

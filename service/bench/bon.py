@@ -16,10 +16,10 @@ from pathlib import Path
 
 import torch
 
-from service.bench.throughput import _sync, build_checkpoint, device_label
-from service.config import Settings
-from service.models.loading import load_model, resolve_dtype
-from service.models.units import Shared
+from rewardserve.bench.throughput import _sync, build_checkpoint, device_label
+from rewardserve.config import Settings
+from rewardserve.models.loading import load_model, resolve_dtype
+from rewardserve.models.units import Shared
 
 
 def run(device_name: str, dtype_name: str, shapes: list[tuple[int, int, int]], groups: int, repeats: int,

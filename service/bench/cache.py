@@ -15,8 +15,8 @@ import urllib.request
 
 import orjson
 
-from service.bench.http_load import build_request, run_load
-from service.bench.proc import redis_process, server_process
+from rewardserve.bench.http_load import build_request, run_load
+from rewardserve.bench.proc import redis_process, server_process
 
 
 def _items(n: int) -> list[dict]:

@@ -23,7 +23,7 @@ def free_port() -> int:
 def server_process(args: list[str], timeout: float = 300) -> Iterator[int]:
     """`rewardserve serve ARGS` on a free loopback port, in its own process; yields the port once ready."""
     port = free_port()
-    cmd = [sys.executable, "-m", "service.cli", "serve", "--host", "127.0.0.1", "--port", str(port),
+    cmd = [sys.executable, "-m", "rewardserve.cli", "serve", "--host", "127.0.0.1", "--port", str(port),
            "--log-level", "warning", *args]
     proc = subprocess.Popen(cmd, env=dict(os.environ, PYTHONUNBUFFERED="1"))
     try:

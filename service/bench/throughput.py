@@ -24,10 +24,10 @@ from tokenizers import Tokenizer
 from tokenizers.models import WordLevel
 from transformers import AutoModelForSequenceClassification, LlamaConfig, PreTrainedTokenizerFast
 
-from service.config import Settings
-from service.models.hf_backend import HFBackend
-from service.models.loading import load_model, resolve_dtype
-from service.models.packed import onednn_linear, onednn_pack, onednn_works
+from rewardserve.config import Settings
+from rewardserve.models.hf_backend import HFBackend
+from rewardserve.models.loading import load_model, resolve_dtype
+from rewardserve.models.packed import onednn_linear, onednn_pack, onednn_works
 
 # Realistic reward-model shapes: a ~40M Llama on CPU, a Qwen2.5-0.5B-class one on GPU.
 SHAPES = {

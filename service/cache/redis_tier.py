@@ -14,7 +14,7 @@ import time
 
 import redis.asyncio as aioredis
 
-from service.monitoring.metrics import Metrics
+from rewardserve.monitoring.metrics import Metrics
 
 log = logging.getLogger(__name__)
 

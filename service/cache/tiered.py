@@ -5,10 +5,10 @@ from __future__ import annotations
 import asyncio
 import time
 
-from service.cache.keys import decode_scores, encode_scores
-from service.cache.lru import LRU
-from service.cache.redis_tier import RedisTier
-from service.monitoring.metrics import Metrics
+from rewardserve.cache.keys import decode_scores, encode_scores
+from rewardserve.cache.lru import LRU
+from rewardserve.cache.redis_tier import RedisTier
+from rewardserve.monitoring.metrics import Metrics
 
 
 class ScoreCache:

@@ -14,13 +14,13 @@ import math
 import time
 from collections import deque
 
-from service.aio import cancel_and_wait
-from service.config import Settings
-from service.engine.types import Lane, Ticket, WorkItem
-from service.engine.workers import WorkerPool
-from service.errors import Overloaded, RequestTooLarge
-from service.models.units import Unit, unit_tokens
-from service.monitoring.metrics import Metrics
+from rewardserve.aio import cancel_and_wait
+from rewardserve.config import Settings
+from rewardserve.engine.types import Lane, Ticket, WorkItem
+from rewardserve.engine.workers import WorkerPool
+from rewardserve.errors import Overloaded, RequestTooLarge
+from rewardserve.models.units import Unit, unit_tokens
+from rewardserve.monitoring.metrics import Metrics
 
 
 class Batcher:

@@ -13,22 +13,22 @@ import time
 from dataclasses import dataclass
 from typing import Sequence
 
-from service.config import Settings
-from service.engine.batcher import Batcher
-from service.cache.keys import KeyMaker, model_fingerprint
-from service.cache.lru import LRU
-from service.cache.redis_tier import RedisTier
-from service.cache.tiered import ScoreCache
-from service.engine.types import Lane, Ticket, WorkItem
-from service.engine.workers import WorkerPool
-from service.errors import NotReady, bug
-from service.models.loading import LoadedModel, load_model
-from service.models.pooling import last_token_index
-from service.models.tokenize import Encoded, ItemLike
-from service.models.units import Shared, Unit
-from service.monitoring.drift import fitted_buckets
-from service.monitoring.metrics import Metrics
-from service.monitoring.monitor import RewardMonitor
+from rewardserve.config import Settings
+from rewardserve.engine.batcher import Batcher
+from rewardserve.cache.keys import KeyMaker, model_fingerprint
+from rewardserve.cache.lru import LRU
+from rewardserve.cache.redis_tier import RedisTier
+from rewardserve.cache.tiered import ScoreCache
+from rewardserve.engine.types import Lane, Ticket, WorkItem
+from rewardserve.engine.workers import WorkerPool
+from rewardserve.errors import NotReady, bug
+from rewardserve.models.loading import LoadedModel, load_model
+from rewardserve.models.pooling import last_token_index
+from rewardserve.models.tokenize import Encoded, ItemLike
+from rewardserve.models.units import Shared, Unit
+from rewardserve.monitoring.drift import fitted_buckets
+from rewardserve.monitoring.metrics import Metrics
+from rewardserve.monitoring.monitor import RewardMonitor
 
 log = logging.getLogger(__name__)
 

@@ -7,7 +7,7 @@ import time
 from dataclasses import dataclass, field
 from enum import IntEnum
 
-from service.models.units import Unit, unit_tokens
+from rewardserve.models.units import Unit, unit_tokens
 
 
 class Lane(IntEnum):

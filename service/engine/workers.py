@@ -11,10 +11,10 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
-from service.engine.types import WorkItem
-from service.errors import BackendError, bug
-from service.models.units import Shared, unit_rows
-from service.monitoring.metrics import Metrics
+from rewardserve.engine.types import WorkItem
+from rewardserve.errors import BackendError, bug
+from rewardserve.models.units import Shared, unit_rows
+from rewardserve.monitoring.metrics import Metrics
 
 log = logging.getLogger(__name__)
 

@@ -122,7 +122,7 @@ def _plan(batch, kernel: bool) -> list[_Call | _Alone | _Kernel]:
 def packed_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch, window: int | None,
                             kernel=None):
     """q: (T, Hq, D); k, v: (T, Hk, D) -> (T, Hq * D). `kernel`: the compiled CPU attention
-    (`kernels.attention_cpu.load_kernel()`), on CPU; None keeps SDPA."""
+    (`rewardserve.kernels.attention_cpu.load_kernel()`), on CPU; None keeps SDPA."""
     T, Hq, D = q.shape
     if q.is_cuda and varlen_attn is not None:
         return _varlen_cuda(q, k, v, batch, window).reshape(T, Hq * D)

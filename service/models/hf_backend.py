@@ -24,8 +24,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from service.models.pooling import last_token_index
-from service.models.units import Shared, Unit, flatten
+from rewardserve.models.pooling import last_token_index
+from rewardserve.models.units import Shared, Unit, flatten
 
 
 @dataclass(slots=True)

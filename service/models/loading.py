@@ -14,12 +14,12 @@ import torch
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 from transformers.utils import cached_file
 
-from service.config import Settings
-from service.models.hf_backend import HFBackend
-from service.models.packed import DecoderConfig, load_packed
-from service.models.packed_backend import PackedBackend, rotary_parameters
-from service.models.tokenize import ItemEncoder
-from service.runtime import keep_freed_memory
+from rewardserve.config import Settings
+from rewardserve.models.hf_backend import HFBackend
+from rewardserve.models.packed import DecoderConfig, load_packed
+from rewardserve.models.packed_backend import PackedBackend, rotary_parameters
+from rewardserve.models.tokenize import ItemEncoder
+from rewardserve.runtime import keep_freed_memory
 
 log = logging.getLogger(__name__)
 

@@ -21,14 +21,14 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from torch import nn
 
-from kernels.attention_cpu import load_kernel
-from kernels.reward_head import reward_head_torch, reward_head_triton
-from kernels.rmsnorm import rmsnorm_cpu, rmsnorm_triton
-from kernels.rope import rope_cpu, rope_tables, rope_triton
-from kernels.swiglu import silu_mul_, swiglu_triton
-from service.models.attention import packed_causal_attention
-from service.models.pooling import last_token_index
-from service.models.units import Shared, Unit
+from rewardserve.kernels.attention_cpu import load_kernel
+from rewardserve.kernels.reward_head import reward_head_torch, reward_head_triton
+from rewardserve.kernels.rmsnorm import rmsnorm_cpu, rmsnorm_triton
+from rewardserve.kernels.rope import rope_cpu, rope_tables, rope_triton
+from rewardserve.kernels.swiglu import silu_mul_, swiglu_triton
+from rewardserve.models.attention import packed_causal_attention
+from rewardserve.models.pooling import last_token_index
+from rewardserve.models.units import Shared, Unit
 
 FAMILIES = ("llama", "qwen2", "qwen3", "mistral")
 # "dynamic" (NTK) rescales the frequencies only for a sequence longer than max_position_embeddings,

@@ -6,9 +6,9 @@ import importlib
 
 import torch
 
-from service.models.hf_backend import BatchOutput
-from service.models.packed import PackedBatch, PackedRewardModel
-from service.models.units import Unit
+from rewardserve.models.hf_backend import BatchOutput
+from rewardserve.models.packed import PackedBatch, PackedRewardModel
+from rewardserve.models.units import Unit
 
 
 def rotary_parameters(hf_config) -> tuple[torch.Tensor, float]:

@@ -17,7 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Protocol, Sequence
 
-from service.errors import InvalidInput, ItemTooLong
+from rewardserve.errors import InvalidInput, ItemTooLong
 
 
 class ItemLike(Protocol):

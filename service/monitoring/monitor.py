@@ -23,10 +23,10 @@ from pathlib import Path
 
 import numpy as np
 
-from service.aio import cancel_and_wait
-from service.config import Settings
-from service.monitoring import drift
-from service.monitoring.metrics import Metrics
+from rewardserve.aio import cancel_and_wait
+from rewardserve.config import Settings
+from rewardserve.monitoring import drift
+from rewardserve.monitoring.metrics import Metrics
 
 log = logging.getLogger(__name__)
 QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)

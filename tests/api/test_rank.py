@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from service.config import Settings
+from rewardserve.config import Settings
 from tests.server import serve
 
 PROMPT = "Please compare these answers about the Apollo 11 landing in 1969, and think about it carefully."

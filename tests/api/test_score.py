@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from service.config import Settings
+from rewardserve.config import Settings
 from tests.conftest import attention_kernel_builds
 from tests.server import serve
 

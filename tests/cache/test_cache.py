@@ -8,10 +8,10 @@ import time
 
 import pytest
 
-from service.cache.keys import KeyMaker, decode_scores, encode_scores, model_fingerprint
-from service.cache.lru import LRU
-from service.cache.redis_tier import CLOSED, HALF_OPEN, OPEN, Breaker
-from service.config import Settings
+from rewardserve.cache.keys import KeyMaker, decode_scores, encode_scores, model_fingerprint
+from rewardserve.cache.lru import LRU
+from rewardserve.cache.redis_tier import CLOSED, HALF_OPEN, OPEN, Breaker
+from rewardserve.config import Settings
 from tests.redis_helper import RedisProcess, SlowProxy
 from tests.server import serve
 

@@ -9,13 +9,13 @@ import httpx
 import pytest
 import torch
 
-from service.config import Settings
-from service.engine.batcher import Batcher
-from service.engine.types import Lane, Ticket
-from service.engine.workers import WorkerPool
-from service.errors import BackendError, Overloaded, RequestTooLarge
-from service.models.loading import load_model
-from service.monitoring.metrics import Metrics
+from rewardserve.config import Settings
+from rewardserve.engine.batcher import Batcher
+from rewardserve.engine.types import Lane, Ticket
+from rewardserve.engine.workers import WorkerPool
+from rewardserve.errors import BackendError, Overloaded, RequestTooLarge
+from rewardserve.models.loading import load_model
+from rewardserve.monitoring.metrics import Metrics
 from tests.server import serve
 
 

@@ -14,8 +14,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kernels import attention_cpu
-from kernels.attention_cpu import causal_attention_torch, load_kernel
+from rewardserve.kernels import attention_cpu
+from rewardserve.kernels.attention_cpu import causal_attention_torch, load_kernel
 from tests.conftest import KERNEL_TOOL, attention_kernel_builds, require_tool
 
 TOL = dict(atol=1e-5, rtol=1e-5)
@@ -142,7 +142,7 @@ def test_bad_arguments_are_refused_with_their_reason(kernel):
 
 
 def test_without_a_compiler_the_loader_says_why_and_returns_none(tmp_path, caplog):
-    with caplog.at_level(logging.WARNING, logger="kernels.attention_cpu"):
+    with caplog.at_level(logging.WARNING, logger="rewardserve.kernels.attention_cpu"):
         assert load_kernel(compiler="no-such-compiler-here", cache_dir=tmp_path) is None
     assert "no-such-compiler-here" in caplog.text and "using torch SDPA" in caplog.text
 

@@ -15,8 +15,8 @@ import torch
 from torch import nn
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
-from kernels.reward_head import reward_head_torch, reward_head_triton
-from kernels.rmsnorm import rmsnorm_torch
+from rewardserve.kernels.reward_head import reward_head_torch, reward_head_triton
+from rewardserve.kernels.rmsnorm import rmsnorm_torch
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 EPS = 1e-6

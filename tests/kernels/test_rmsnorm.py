@@ -15,7 +15,7 @@ import pytest
 import torch
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
-from kernels.rmsnorm import rmsnorm_cpu, rmsnorm_torch, rmsnorm_triton
+from rewardserve.kernels.rmsnorm import rmsnorm_cpu, rmsnorm_torch, rmsnorm_triton
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 EPS = 1e-6

@@ -15,7 +15,7 @@ import torch
 from transformers import LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, apply_rotary_pos_emb
 
-from kernels.rope import rope_cpu, rope_tables, rope_torch, rope_triton
+from rewardserve.kernels.rope import rope_cpu, rope_tables, rope_torch, rope_triton
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 MAX_POS = 4096

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from transformers import LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaMLP
 
-from kernels.swiglu import silu_mul_, swiglu_torch, swiglu_triton
+from rewardserve.kernels.swiglu import silu_mul_, swiglu_torch, swiglu_triton
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOL = {  # dtype: (atol, rtol)

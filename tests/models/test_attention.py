@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import torch
 
-from kernels.attention_cpu import causal_attention_torch
-from service.models import attention
-from service.models.packed import PackedBatch
+from rewardserve.kernels.attention_cpu import causal_attention_torch
+from rewardserve.models import attention
+from rewardserve.models.packed import PackedBatch
 
 CALLS: list[dict] = []
 

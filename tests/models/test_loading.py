@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from service.config import Settings
-from service.models.loading import load_model, resolve_devices, resolve_dtype
+from rewardserve.config import Settings
+from rewardserve.models.loading import load_model, resolve_devices, resolve_dtype
 from tests.conftest import KERNEL_TOOL, attention_kernel_builds, require_tool
 
 

@@ -11,10 +11,10 @@ import pytest
 import torch
 from transformers import AutoModelForSequenceClassification, LlamaConfig
 
-from service.config import Settings
-from service.models import packed
-from service.models.loading import choose_backend, load_model
-from service.models.packed import Ops
+from rewardserve.config import Settings
+from rewardserve.models import packed
+from rewardserve.models.loading import choose_backend, load_model
+from rewardserve.models.packed import Ops
 from tests.conftest import KERNEL_TOOL, attention_kernel_builds, require_tool
 from tests.factories import ARCHS, MAX_POSITIONS
 
@@ -76,7 +76,7 @@ def test_cpu_token_chunks_match_hf_wherever_the_chunks_cut(tiny_ckpt, arch, oned
     if attention == "kernel":
         require_tool(attention_kernel_builds(), KERNEL_TOOL)
     path = tiny_ckpt(arch)
-    with caplog.at_level(logging.INFO, logger="service.models.loading"):
+    with caplog.at_level(logging.INFO, logger="rewardserve.models.loading"):
         loaded = load_model(Settings(model=str(path), warmup=False, backend="packed",
                                      cpu_attention_kernel=attention == "kernel"))
     assert ("attention: C++ kernel" if attention == "kernel" else "attention: SDPA") in caplog.text

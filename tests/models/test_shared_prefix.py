@@ -8,9 +8,9 @@ import random
 import pytest
 from transformers import AutoModelForSequenceClassification
 
-from service.config import Settings
-from service.models.loading import load_model
-from service.models.units import Shared
+from rewardserve.config import Settings
+from rewardserve.models.loading import load_model
+from rewardserve.models.units import Shared
 from tests.models.test_parity import CASES, TOL, _hf_alone
 
 

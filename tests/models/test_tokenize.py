@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 from transformers import AutoTokenizer
 
-from service.api.schemas import Item, Message
-from service.errors import InvalidInput, ItemTooLong
-from service.models.tokenize import ItemEncoder
+from rewardserve.api.schemas import Item, Message
+from rewardserve.errors import InvalidInput, ItemTooLong
+from rewardserve.models.tokenize import ItemEncoder
 
 
 def _encoder(path, max_length=64):

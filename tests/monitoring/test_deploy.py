@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from service.config import Settings
+from rewardserve.config import Settings
 from tests.server import serve
 
 ROOT = Path(__file__).resolve().parents[2]

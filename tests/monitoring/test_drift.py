@@ -8,10 +8,10 @@ import json
 import numpy as np
 import pytest
 
-from service.config import Settings
-from service.monitoring import drift
-from service.monitoring.metrics import Metrics
-from service.monitoring.monitor import RewardMonitor
+from rewardserve.config import Settings
+from rewardserve.monitoring import drift
+from rewardserve.monitoring.metrics import Metrics
+from rewardserve.monitoring.monitor import RewardMonitor
 from tests.server import serve
 
 RNG = np.random.default_rng(0)

@@ -20,7 +20,7 @@ import httpx
 import pytest
 import yaml
 
-from service.config import Settings
+from rewardserve.config import Settings
 from tests.conftest import require_tool
 from tests.monitoring.test_deploy import RULES, dashboard_exprs, load_dashboard, score_traffic
 from tests.server import serve
