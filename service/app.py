@@ -1,7 +1,7 @@
-"""create_app(settings): the FastAPI application. No model work happens at import time.
+"""create_app(settings, registry): the FastAPI application. No model work happens at import time.
 
-The model loads in a background task started by the lifespan, so /healthz answers at once and
-/readyz turns 200 when the model is loaded and warmed up (what a Kubernetes probe wants).
+The registry's models load in a background task started by the lifespan, so /healthz answers at
+once and /readyz turns 200 when every entry is loaded and warmed up (what a Kubernetes probe wants).
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ from fastapi import FastAPI
 
 from rewardserve import __version__
 from rewardserve.api import admin, errors, health, rank, score
-from rewardserve.config import Settings
-from rewardserve.engine.engine import Engine
+from rewardserve.config import RegistryConfig, ServerSettings, quick
+from rewardserve.engine.registry import Registry
 from rewardserve.monitoring.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -25,10 +25,9 @@ log = logging.getLogger(__name__)
 class RequestMetrics:
     """Pure ASGI middleware (BaseHTTPMiddleware would hide client disconnects from the routes)."""
 
-    def __init__(self, app, metrics: Metrics, model: str, paths: set[str]):
+    def __init__(self, app, metrics: Metrics, paths: set[str]):
         self.app = app
         self.metrics = metrics
-        self.model = model
         self.paths = paths  # label by known route paths only: bounded cardinality
 
     async def __call__(self, scope, receive, send):
@@ -47,25 +46,30 @@ class RequestMetrics:
             await self.app(scope, receive, send_wrapper)
         finally:
             path = scope["path"] if scope["path"] in self.paths else "other"
-            self.metrics.requests.labels(self.model, path, str(status)).inc()
-            self.metrics.request_duration.labels(self.model, path).observe(time.perf_counter() - start)
+            model = errors.model_label(scope)  # served names only: a route sets it once the name is known
+            self.metrics.requests.labels(model, path, str(status)).inc()
+            self.metrics.request_duration.labels(model, path).observe(time.perf_counter() - start)
 
 
-def create_app(settings: Settings | None = None) -> FastAPI:
-    settings = settings or Settings()
+def create_app(settings: ServerSettings | None = None, registry: RegistryConfig | None = None) -> FastAPI:
+    """The app serving `registry` (default: the embedded model, or what RS_* variables say)."""
+    if settings is None or registry is None:
+        default_settings, default_registry = quick()
+        settings, registry = settings or default_settings, registry or default_registry
+    registry.check(settings)
     metrics = Metrics()
-    engine = Engine(settings, metrics)
+    scorers = Registry(settings, registry, metrics)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        loading = asyncio.create_task(engine.start(), name="rewardserve-load")
-        loading.add_done_callback(lambda t: t.cancelled() or t.exception())  # error kept in engine.load_error
+        loading = asyncio.create_task(scorers.start(), name="rewardserve-load")
+        loading.add_done_callback(lambda t: t.cancelled() or t.exception())  # error kept in registry.load_error
         app.state.loading = loading
         try:
             yield
         finally:
             loading.cancel()
-            await engine.stop()
+            await scorers.stop()
 
     app = FastAPI(
         title="rewardserve", version=__version__, lifespan=lifespan,
@@ -73,10 +77,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.settings = settings
     app.state.metrics = metrics
-    app.state.engine = engine
+    app.state.registry = scorers
     errors.install(app)
-    for router in (score.router, rank.router, health.router, admin.router):
+    routers = (score.router, rank.router, health.router, admin.router)
+    for router in routers:
         app.include_router(router)
-    paths = {r.path for router in (score.router, rank.router, health.router, admin.router) for r in router.routes}
-    app.add_middleware(RequestMetrics, metrics=metrics, model=settings.model_name, paths=paths)
+    paths = {r.path for router in routers for r in router.routes}
+    app.add_middleware(RequestMetrics, metrics=metrics, paths=paths)
     return app

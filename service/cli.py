@@ -1,9 +1,10 @@
 """The `rewardserve` command.
 
-    rewardserve serve [--model PATH_OR_ID] [--port 8000] [...]   serve over HTTP
-    rewardserve score [INPUT.jsonl|-] [-o OUTPUT.jsonl] [...]     score a JSONL file offline
+    rewardserve serve [--model PATH_OR_ID | --config registry.yaml] [--port 8000] [...]   serve over HTTP
+    rewardserve score [INPUT.jsonl|-] [-o OUTPUT.jsonl] [--entry NAME] [...]            score a JSONL file offline
 
-Every Settings field is a flag here and an RS_* environment variable; flags win over the environment.
+Every server setting, and every setting of the --model quick path, is a flag here and an RS_*
+environment variable; flags win over the environment.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from typing import Any
 import orjson
 from pydantic import ValidationError
 
-from rewardserve.config import Settings
+from rewardserve.config import QuickModel, RegistryConfig, ServerSettings, quick
 from rewardserve.drift_cli import add_arguments as add_drift_arguments
 
 
@@ -28,9 +29,13 @@ def _is_bool(annotation: Any) -> bool:
                                   and bool in typing.get_args(annotation))
 
 
+# server settings first, then the --model quick path's (a one-entry registry; --config replaces them)
+SETTING_FIELDS = {**ServerSettings.model_fields, **QuickModel.model_fields}
+
+
 def add_settings_flags(parser: argparse.ArgumentParser) -> None:
-    """One flag per Settings field; unspecified flags are absent, so RS_* and defaults apply."""
-    for name, field in Settings.model_fields.items():
+    """One flag per setting; unspecified flags are absent, so RS_* and defaults apply."""
+    for name, field in SETTING_FIELDS.items():
         flag = "--" + name.replace("_", "-")
         help_text = f"{field.description} [env RS_{name.upper()}, default {field.default!r}]"
         if _is_bool(field.annotation):
@@ -40,14 +45,16 @@ def add_settings_flags(parser: argparse.ArgumentParser) -> None:
             parser.add_argument(flag, dest=name, default=argparse.SUPPRESS, metavar=name.upper(), help=help_text)
 
 
-def settings_from_args(args: argparse.Namespace, **overrides: Any) -> Settings:
-    values = {k: v for k, v in vars(args).items() if k in Settings.model_fields}
+def settings_from_args(args: argparse.Namespace, **overrides: Any) -> tuple[ServerSettings, RegistryConfig]:
+    values = {k: v for k, v in vars(args).items() if k in SETTING_FIELDS}
     values.update(overrides)
     try:
-        return Settings(**values)
+        return quick(**values)
     except ValidationError as exc:
         lines = [f"  --{'.'.join(map(str, e['loc'])).replace('_', '-')}: {e['msg']}" for e in exc.errors()]
         raise SystemExit("invalid settings:\n" + "\n".join(lines)) from None
+    except ValueError as exc:  # the registry file, or a per-model flag beside --config
+        raise SystemExit(str(exc)) from None
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
@@ -55,9 +62,9 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
     from rewardserve.app import create_app
 
-    settings = settings_from_args(args)
+    settings, registry = settings_from_args(args)
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level,
+    uvicorn.run(create_app(settings, registry), host=settings.host, port=settings.port, log_level=settings.log_level,
                 timeout_graceful_shutdown=10)
 
 
@@ -65,12 +72,16 @@ def cmd_score(args: argparse.Namespace) -> None:
     from rewardserve.offline import score_jsonl
 
     # offline: the whole file is ours, so admission control must not reject our own chunks
-    settings = settings_from_args(args, **({} if "max_queued_tokens" in vars(args) else {"max_queued_tokens": 10**12}))
+    settings, registry = settings_from_args(
+        args, **({} if "max_queued_tokens" in vars(args) else {"max_queued_tokens": 10**12}))
+    if args.entry is not None and args.entry not in registry.names:
+        raise SystemExit(f"--entry {args.entry!r} is not in the registry; its entries are {registry.names}")
     logging.basicConfig(level="WARNING")
     src = sys.stdin.buffer if args.input == "-" else open(args.input, "rb")
     dst = sys.stdout.buffer if args.output == "-" else open(args.output, "wb")
     try:
-        failed = asyncio.run(score_jsonl(settings, src, dst, truncation=args.truncation, progress=not args.quiet))
+        failed = asyncio.run(score_jsonl(settings, registry, src, dst, entry=args.entry, truncation=args.truncation,
+                                         progress=not args.quiet))
     finally:
         if src is not sys.stdin.buffer:
             src.close()
@@ -143,6 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("-o", "--output", default="-", help="JSONL output (- for stdout)")
     score.add_argument("--truncation", choices=["left", "right", "error"], default=None,
                        help="over-long items (default: the server's default_truncation)")
+    score.add_argument("--entry", default=None, help="the registry entry that scores (default: the default entry)")
     score.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     add_settings_flags(score)
     score.set_defaults(func=cmd_score)

@@ -1,17 +1,23 @@
-"""The one Settings object of rewardserve.
+"""What a server is told at start: server-wide settings, and the registry of scorers it serves.
 
-Every field is an `RS_*` environment variable (``max_batch_tokens`` -> ``RS_MAX_BATCH_TOKENS``) and a
-`rewardserve serve` flag (``--max-batch-tokens``); the CLI builds its flags from this model, so the two
-can never drift apart. Only `cli.py` and `app.py` construct it; everything else receives it.
+- `ServerSettings`: HTTP, batching budgets, request limits, cache, monitoring, CPU tuning. Every
+  field is an `RS_*` environment variable and a `rewardserve serve` flag (the CLI builds its flags
+  from the fields, so the two cannot drift apart).
+- `RegistryConfig`: named entries (`models`, `ensembles`) and the default one, from a YAML file
+  (`--config registry.yaml`, `load_registry`) or, on the quick path, one model entry made of the
+  `--model` flags (`QuickModel`). Entries are validated at start; errors name the entry and the key.
+
+Only `cli.py` and `app.py` construct these; components get the small pieces they need.
 """
 
 from __future__ import annotations
 
+import re
 from functools import cached_property
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_MODEL_DIR = Path(__file__).parent / "assets" / "default-rm"
@@ -19,32 +25,27 @@ DEFAULT_MODEL_NAME = "rewardserve-default"
 
 Dtype = Literal["auto", "float32", "bfloat16", "float16"]
 Truncation = Literal["left", "right", "error"]
+Aggregate = Literal["mean", "min", "uwo", "median"]
 
 
-class Settings(BaseSettings):
+class ServerSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="RS_", extra="forbid", validate_default=True)
 
-    # --- model -------------------------------------------------------------------------------
-    model: str = Field(
-        str(DEFAULT_MODEL_DIR),
-        description="Local path or Hugging Face hub id of an AutoModelForSequenceClassification checkpoint.",
+    config: str | None = Field(
+        None, description="Registry YAML of the scorers to serve (models, ensembles); without it, --model serves one."
     )
-    served_name: str | None = Field(
-        None, description="Name reported by /v1/models and in responses (default: the model path's name)."
+
+    # --- batching (each model gets its own queue with these budgets) ------------------------------
+    max_batch_tokens: int = Field(16384, ge=1, description="A batch closes when it holds this many tokens.")
+    max_batch_items: int = Field(256, ge=1, description="A batch closes when it holds this many items.")
+    max_wait_ms: float = Field(2.0, ge=0, description="A batch closes this long after its first item arrived.")
+    max_queued_tokens: int = Field(
+        1_000_000, ge=1, description="Admission control: beyond this many queued tokens requests get 429."
     )
-    dtype: Dtype = Field("auto", description="Weights dtype: auto = bfloat16 on GPU, float32 on CPU.")
-    devices: str = Field("auto", description="'auto' (all visible GPUs, else CPU), 'cpu', or e.g. 'cuda:0,cuda:1'.")
-    max_length: int | None = Field(
-        None, ge=1, description="Longest item in tokens (default: the model's max_position_embeddings)."
-    )
-    default_truncation: Truncation = Field(
-        "error", description="Policy for over-long items when the request does not say: left, right or error (413)."
-    )
-    backend: Literal["auto", "packed", "hf"] = Field(
-        "auto", description="auto: the packed fast path for Llama/Qwen2/Qwen3/Mistral, else padded HF."
-    )
-    trust_remote_code: bool = Field(False, description="Allow custom modelling code from the checkpoint.")
-    revision: str | None = Field(None, description="Hub revision, when `model` is a hub id.")
+    max_items_per_request: int = Field(4096, ge=1, description="Largest items list one request may carry (413).")
+    max_candidates: int = Field(256, ge=1, description="Most candidates one best-of-N request may rank (413).")
+
+    # --- CPU tuning (process-wide) ---------------------------------------------------------------
     cpu_threads: int | None = Field(None, ge=1, description="torch threads for CPU inference (default: all cores).")
     cpu_attention_kernel: bool = Field(
         True, description="On CPU (fp32, bf16), run attention in rewardserve's C++ kernel (compiled with g++ on "
@@ -54,16 +55,6 @@ class Settings(BaseSettings):
         True, description="On CPU, make glibc reuse freed activation memory instead of page-faulting it afresh "
                           "every batch (a fifth faster here; RSS stays at its peak)."
     )
-
-    # --- batching ----------------------------------------------------------------------------
-    max_batch_tokens: int = Field(16384, ge=1, description="A batch closes when it holds this many tokens.")
-    max_batch_items: int = Field(256, ge=1, description="A batch closes when it holds this many items.")
-    max_wait_ms: float = Field(2.0, ge=0, description="A batch closes this long after its first item arrived.")
-    max_queued_tokens: int = Field(
-        1_000_000, ge=1, description="Admission control: beyond this many queued tokens requests get 429."
-    )
-    max_items_per_request: int = Field(4096, ge=1, description="Largest items list one request may carry (413).")
-    max_candidates: int = Field(256, ge=1, description="Most candidates one best-of-N request may rank (413).")
 
     # --- score cache -------------------------------------------------------------------------
     lru_items: int = Field(100_000, ge=0, description="In-process LRU cache size in items (0 disables it).")
@@ -90,21 +81,221 @@ class Settings(BaseSettings):
     host: str = Field("127.0.0.1", description="Interface to listen on (0.0.0.0 in containers).")
     port: int = Field(8000, ge=0, le=65535, description="TCP port to listen on.")
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Log level.")
-    warmup: bool = Field(True, description="Run one batch at start-up before /readyz turns ready.")
+    warmup: bool = Field(True, description="Run one batch per device and model at start-up before /readyz turns ready.")
+
+
+class Closed(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ModelEntry(Closed):
+    """One reward model checkpoint, served under `name`."""
+
+    name: str = Field(min_length=1, description="The name requests select it by (`model`).")
+    path: str = Field(str(DEFAULT_MODEL_DIR), min_length=1,
+                      description="Local path or Hugging Face hub id of an AutoModelForSequenceClassification "
+                                  "checkpoint.")
+    dtype: Dtype = Field("auto", description="Weights dtype: auto = bfloat16 on GPU, float32 on CPU.")
+    devices: str = Field("auto", description="'auto' (all visible GPUs, else CPU), 'cpu', or e.g. 'cuda:0,cuda:1'.")
+    max_length: int | None = Field(
+        None, ge=1, description="Longest item in tokens (default: the model's max_position_embeddings)."
+    )
+    truncation: Truncation = Field(
+        "error", description="Policy for over-long items when the request does not say: left, right or error (413)."
+    )
+    backend: Literal["auto", "packed", "hf"] = Field(
+        "auto", description="auto: the packed fast path for Llama/Qwen2/Qwen3/Mistral, else padded HF."
+    )
+    trust_remote_code: bool = Field(False, description="Allow custom modelling code from the checkpoint.")
+    revision: str | None = Field(None, description="Hub revision, when `path` is a hub id.")
+    heads: dict[str, float] | None = Field(
+        None, description="reward = sum of weight x head output, by the checkpoint's id2label names (default: head 0)."
+    )
+    max_batch_tokens: int | None = Field(None, ge=1, description="This model's batch token budget (default: the "
+                                                                 "server's max_batch_tokens).")
+
+    @field_validator("heads")
+    @classmethod
+    def _some_heads(cls, heads: dict[str, float] | None) -> dict[str, float] | None:
+        if heads is not None and not heads:
+            raise ValueError("name at least one head, or leave heads out for head 0")
+        return heads
+
+
+class MemberStats(Closed):
+    mean: float
+    std: float = Field(gt=0)
+
+
+class EnsembleEntry(Closed):
+    """Several model entries scored together and aggregated into one reward."""
+
+    name: str = Field(min_length=1)
+    members: list[str] = Field(min_length=2, description="Names of model entries.")
+    aggregate: Aggregate = Field("mean", description="mean | min (worst case) | uwo (mean - lambda var) | median")
+    lambda_: float | None = Field(None, alias="lambda", ge=0, description="uwo only: the weight of the variance.")
+    normalize: bool = Field(False, description="Standardise each member's rewards with its `stats` first.")
+    stats: dict[str, MemberStats] | None = Field(None, description="Per member: mean and std of its rewards.")
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
     @model_validator(mode="after")
-    def _check(self) -> "Settings":
-        if self.max_length is not None and self.max_length > self.max_batch_tokens:
-            raise ValueError(
-                f"max_length ({self.max_length}) exceeds max_batch_tokens ({self.max_batch_tokens}): "
-                "the longest item must fit in one batch"
-            )
+    def _check(self) -> "EnsembleEntry":
+        if len(set(self.members)) != len(self.members):
+            raise ValueError(f"members: {self.members} names a model twice")
+        if self.aggregate == "uwo" and self.lambda_ is None:
+            raise ValueError("lambda: uwo needs lambda, the weight of the variance penalty (mean - lambda * var)")
+        if self.aggregate != "uwo" and self.lambda_ is not None:
+            raise ValueError(f"lambda: applies to aggregate uwo only, not {self.aggregate}")
+        if self.normalize:
+            missing = [m for m in self.members if m not in (self.stats or {})]
+            if missing:
+                raise ValueError(f"stats: normalize needs the mean and std of every member; missing {missing}")
+        if self.stats is not None:
+            if not self.normalize:
+                raise ValueError("stats: used only with normalize: true")
+            extra = sorted(set(self.stats) - set(self.members))
+            if extra:
+                raise ValueError(f"stats: {extra} are not members")
         return self
 
+
+class RegistryConfig(Closed):
+    """Every scorer one process serves."""
+
+    default: str | None = Field(None, description="The entry used when a request names none (else the first model).")
+    models: list[ModelEntry] = Field(min_length=1)
+    ensembles: list[EnsembleEntry] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _check(self) -> "RegistryConfig":
+        seen: dict[str, str] = {}
+        for section, entries in (("models", self.models), ("ensembles", self.ensembles)):
+            for i, e in enumerate(entries):
+                if e.name in seen:
+                    raise ValueError(f"{section}[{i}] ({e.name}).name: {e.name!r} is already the name of "
+                                     f"{seen[e.name]}")
+                seen[e.name] = f"{section}[{i}]"
+        models = [m.name for m in self.models]
+        for i, e in enumerate(self.ensembles):
+            for m in e.members:
+                if m not in models:
+                    raise ValueError(f"ensembles[{i}] ({e.name}).members: {m!r} is not a model entry; "
+                                     f"the models are {models}")
+        if self.default is not None and self.default not in seen:
+            raise ValueError(f"default: {self.default!r} is not an entry; the entries are {list(seen)}")
+        return self
+
+    @property
+    def default_name(self) -> str:
+        return self.default or self.models[0].name
+
+    @property
+    def names(self) -> list[str]:
+        return [e.name for e in (*self.models, *self.ensembles)]
+
+    def check(self, server: ServerSettings) -> None:
+        """What depends on the server settings too; raises ValueError naming the entry and key."""
+        for i, m in enumerate(self.models):
+            budget = m.max_batch_tokens or server.max_batch_tokens
+            if m.max_length is not None and m.max_length > budget:
+                raise ValueError(f"models[{i}] ({m.name}).max_length: {m.max_length} exceeds the batch token budget "
+                                 f"({budget}): the longest item must fit in one batch")
+
+
+def registry_errors(exc: ValidationError, raw: Any) -> list[str]:
+    """Pydantic's errors as `models[1] (rm-b).dtype: message` lines: the entry by position and name."""
+    lines = []
+    for e in exc.errors():
+        loc, where = list(e["loc"]), ""
+        if len(loc) >= 2 and loc[0] in ("models", "ensembles") and isinstance(loc[1], int):
+            try:
+                name = raw[loc[0]][loc[1]].get("name")
+            except (KeyError, IndexError, TypeError, AttributeError):
+                name = None
+            where = f"{loc[0]}[{loc[1]}]" + (f" ({name})" if name else "")
+            loc = loc[2:]
+        key = ".".join(str(p) for p in loc)
+        msg = str(e["msg"]).removeprefix("Value error, ")
+        named = re.match(r"([A-Za-z_][\w.]*): (.*)", msg, re.S)  # an entry's own check names its key first
+        if named and not key:
+            key, msg = named.groups()
+        path = ".".join(p for p in (where, key) if p)
+        lines.append(f"{path}: {msg}" if path else msg)
+    return lines
+
+
+def load_registry(path: str | Path) -> RegistryConfig:
+    """Read and validate a registry YAML; ValueError lists every problem with its entry and key."""
+    import yaml
+
+    try:
+        raw = yaml.safe_load(Path(path).read_text())
+    except (OSError, yaml.YAMLError) as exc:
+        raise ValueError(f"cannot read registry {path}: {exc}") from None
+    try:
+        return RegistryConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise ValueError(f"invalid registry {path}:\n  " + "\n  ".join(registry_errors(exc, raw))) from None
+
+
+# --- the quick path: `--model PATH` and its flags make a one-entry registry -----------------------------
+# Flag name -> ModelEntry field. The entry's field carries the type, default and description, so the
+# quick path's flags and RS_* variables are the registry's keys under the names they always had.
+QUICK_FIELDS = {"model": "path", "served_name": "name", "dtype": "dtype", "devices": "devices",
+                "max_length": "max_length", "default_truncation": "truncation", "backend": "backend",
+                "trust_remote_code": "trust_remote_code", "revision": "revision"}
+
+
+class _QuickBase(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="RS_", extra="forbid", validate_default=True)
+
     @cached_property
-    def model_name(self) -> str:
+    def served_as(self) -> str:
         if self.served_name:
             return self.served_name
         if Path(self.model).resolve() == DEFAULT_MODEL_DIR.resolve():
             return DEFAULT_MODEL_NAME
         return Path(self.model).name or self.model
+
+    def entry(self) -> ModelEntry:
+        values = {field: getattr(self, flag) for flag, field in QUICK_FIELDS.items() if flag != "served_name"}
+        return ModelEntry(**(values | {"name": self.served_as}))
+
+
+def _quick_field(flag: str, field: str):
+    info = ModelEntry.model_fields[field]
+    if flag == "served_name":  # optional here: the path's name by default
+        return str | None, Field(None, description="Name reported by /v1/models and in responses "
+                                                   "(default: the model path's name).")
+    return info.annotation, info
+
+
+QuickModel = create_model("QuickModel", __base__=_QuickBase,
+                          **{flag: _quick_field(flag, field) for flag, field in QUICK_FIELDS.items()})
+
+
+def quick(**values: Any) -> tuple[ServerSettings, RegistryConfig]:
+    """Flat `rewardserve serve` values (server settings and --model flags) -> the two configurations.
+    RS_* variables fill what `values` leaves out. With `config`, the --model flags are refused."""
+    server = ServerSettings(**{k: v for k, v in values.items() if k in ServerSettings.model_fields})
+    unknown = set(values) - set(ServerSettings.model_fields) - set(QUICK_FIELDS)
+    if unknown:
+        raise ValueError(f"unknown settings {sorted(unknown)}")
+    model_values = {k: v for k, v in values.items() if k in QUICK_FIELDS}
+    if server.config is not None:
+        flags = sorted(model_values) + sorted(f for f in QUICK_FIELDS if f"RS_{f.upper()}" in _environ())
+        if flags:
+            names = ", ".join("--" + f.replace("_", "-") for f in dict.fromkeys(flags))
+            raise ValueError(f"{names}: per-model settings; with --config, set them in the registry's entries")
+        registry = load_registry(server.config)
+    else:
+        registry = RegistryConfig(models=[QuickModel(**model_values).entry()])
+    registry.check(server)
+    return server, registry
+
+
+def _environ() -> dict[str, str]:
+    import os
+
+    return {k.upper(): v for k, v in os.environ.items()}

@@ -1,22 +1,39 @@
 """Typed errors shared by every layer.
 
-Each carries the HTTP status it maps to, a machine-readable `type`, and the index of the offending
-item when there is one. The API layer turns them into `{"error": {"type", "message", "index"?}}`;
-lower layers raise them without knowing about HTTP.
+Each carries the HTTP status it maps to, a machine-readable `type`, and, when one item is at fault,
+its position: `index` in the list the scorer was given and `part`, the item's part at fault
+(`input_ids`, `messages`, ...). Lower layers raise them without knowing about HTTP or about the
+request's field names; each route maps positions to its own fields (`located`), and the API layer
+turns them into `{"error": {"type", "message", "index"?, "field"?}}`.
 """
 
 from __future__ import annotations
+
+import copy
 
 
 class ServiceError(Exception):
     status: int = 500
     type: str = "internal_error"
 
-    def __init__(self, message: str, *, index: int | None = None, field: str | None = None):
+    def __init__(self, message: str, *, index: int | None = None, part: str | None = None,
+                 field: str | None = None):
         super().__init__(message)
         self.message = message
         self.index = index
+        self.part = part
         self.field = field
+
+    def located(self, index: int | None, field: str | None) -> "ServiceError":
+        """The same error at the position a route names."""
+        err = copy.copy(self)
+        err.index, err.field, err.part = index, field, None
+        return err
+
+    def reworded(self, message: str) -> "ServiceError":
+        err = copy.copy(self)
+        err.message, err.args = message, (message,)
+        return err
 
     def body(self) -> dict:
         err: dict = {"type": self.type, "message": self.message}

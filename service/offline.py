@@ -1,9 +1,10 @@
 """Offline scoring of a JSONL stream through the same engine the server uses.
 
 Each input line is an item (`prompt`+`response`, `messages`, `text` or `input_ids`) plus any other
-fields, which are passed through. Each output line is the input line with `reward`, `tokens`,
-`truncated` (and `scores` for multi-head models) added, in input order; a line that cannot be scored
-gets an `error` field instead and the run goes on.
+fields, which are passed through. Each output line is the input line with the fields `/v1/score`
+gives an item (`reward`, `tokens`, `truncated`; `scores` for multi-head models, `members` and
+`disagreement` for ensembles) added, in input order; a line that cannot be scored gets an `error`
+field instead and the run goes on.
 """
 
 from __future__ import annotations
@@ -17,11 +18,12 @@ from tqdm import tqdm
 
 from rewardserve.api.errors import field_path
 from rewardserve.api.schemas import Item
-from rewardserve.config import Settings
-from rewardserve.engine.engine import Engine
-from rewardserve.engine.types import Lane, Ticket
+from rewardserve.config import RegistryConfig, ServerSettings
+from rewardserve.engine.registry import Registry
+from rewardserve.engine.types import Lane
 from rewardserve.errors import ServiceError
 from rewardserve.monitoring.metrics import Metrics
+from rewardserve.scorers.base import Call, Scorer
 
 _ITEM_FIELDS = set(Item.model_fields)
 CHUNK_ITEMS = 512
@@ -43,35 +45,32 @@ def _parse(line: bytes) -> tuple[dict, Item | None, str | None]:
         return obj, None, f"{path}: {msg}" if path else msg
 
 
-async def _score_chunk(engine: Engine, items: list[Item], truncation: str) -> list[dict]:
-    """Score a chunk; an item the engine rejects gets an error and the rest are retried without it."""
+async def _score_chunk(scorer: Scorer, items: list[Item], truncation: str | None) -> list[dict]:
+    """Score a chunk; an item the scorer rejects gets an error and the rest are retried without it."""
     results: list[dict | None] = [None] * len(items)
     pending = list(range(len(items)))
     while pending:
         try:
-            scored = await engine.score_items([items[i] for i in pending], truncation=truncation, lane=Lane.bulk,
-                                              ticket=Ticket())
+            scored = await scorer.score([items[i] for i in pending], Call(lane=Lane.bulk, truncation=truncation))
         except ServiceError as exc:
             if exc.index is None:
                 raise
             bad = pending.pop(exc.index)
             results[bad] = {"error": {"type": exc.type, "message": exc.message}}  # the line is the index
             continue
-        multi = engine.model.num_labels > 1
         for i, s in zip(pending, scored):
-            results[i] = {"reward": s.reward, "tokens": s.tokens, "truncated": s.truncated}
-            if multi:
-                results[i]["scores"] = s.scores
+            results[i] = {k: v for k, v in s.fields().items() if k != "cached"}
         pending = []
     return results
 
 
-async def score_jsonl(settings: Settings, src: BinaryIO, dst: BinaryIO, *, truncation: str | None,
-                      progress: bool = True) -> int:
-    """Score every line of `src` into `dst`; returns how many lines failed."""
-    engine = Engine(settings, Metrics())
-    await engine.start()
-    truncation = truncation or settings.default_truncation
+async def score_jsonl(settings: ServerSettings, registry: RegistryConfig, src: BinaryIO, dst: BinaryIO, *,
+                      entry: str | None = None, truncation: str | None, progress: bool = True) -> int:
+    """Score every line of `src` into `dst` with `entry` (default: the registry's default); returns how
+    many lines failed."""
+    scorers = Registry(settings, registry, Metrics())
+    await scorers.start()
+    scorer = scorers.get(entry)
     failed = 0
     bar = tqdm(unit="item", disable=not progress, desc="scoring")
     try:
@@ -82,7 +81,7 @@ async def score_jsonl(settings: Settings, src: BinaryIO, dst: BinaryIO, *, trunc
         async def run(chunk: list[bytes]) -> list[dict]:
             parsed = [_parse(ln) for ln in chunk]
             good = [(j, item) for j, (_, item, err) in enumerate(parsed) if err is None]
-            scored = await _score_chunk(engine, [item for _, item in good], truncation)
+            scored = await _score_chunk(scorer, [item for _, item in good], truncation)
             out = [dict(obj, error={"type": "invalid_input", "message": err}) if err else None
                    for obj, _, err in parsed]
             for (j, _), res in zip(good, scored):
@@ -101,5 +100,5 @@ async def score_jsonl(settings: Settings, src: BinaryIO, dst: BinaryIO, *, trunc
     finally:
         bar.close()
         dst.flush()
-        await engine.stop()
+        await scorers.stop()
     return failed

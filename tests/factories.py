@@ -101,13 +101,13 @@ _PRETOKENIZE_REGEX = (
     r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
 )
 
-_BASE_TOKENIZER: Tokenizer | None = None
+_BASE_TOKENIZERS: dict[int, Tokenizer] = {}
 
 
-def _base_tokenizer() -> Tokenizer:
-    """Train (once per process) the byte-level BPE with <unk>, <s>, </s> as ids 0, 1, 2."""
-    global _BASE_TOKENIZER
-    if _BASE_TOKENIZER is None:
+def _base_tokenizer(vocab_size: int = VOCAB_SIZE) -> Tokenizer:
+    """Train (once per process and size) the byte-level BPE with <unk>, <s>, </s> as ids 0, 1, 2.
+    Another size gives other merges, so other ids for the same text (a second tokenizer)."""
+    if vocab_size not in _BASE_TOKENIZERS:
         tok = Tokenizer(models.BPE(fuse_unk=False, byte_fallback=False))
         tok.normalizer = normalizers.NFC()
         tok.pre_tokenizer = pre_tokenizers.Sequence(
@@ -118,15 +118,15 @@ def _base_tokenizer() -> Tokenizer:
         )
         tok.decoder = decoders.ByteLevel()
         trainer = trainers.BpeTrainer(
-            vocab_size=VOCAB_SIZE,
+            vocab_size=vocab_size,
             min_frequency=2,
             special_tokens=[UNK, BOS, EOS],
             initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
             show_progress=False,
         )
         tok.train_from_iterator(_CORPUS, trainer=trainer)
-        _BASE_TOKENIZER = tok
-    return _BASE_TOKENIZER
+        _BASE_TOKENIZERS[vocab_size] = tok
+    return _BASE_TOKENIZERS[vocab_size]
 
 
 def build_tokenizer(
@@ -135,13 +135,14 @@ def build_tokenizer(
     padding_side: str = "right",
     chat_template: bool = True,
     bos: bool = True,
+    bpe_vocab: int = VOCAB_SIZE,
 ) -> PreTrainedTokenizerFast:
     """Return a fresh ``PreTrainedTokenizerFast`` wrapping the cached trained BPE.
 
     Ids: ``<unk>``=0, ``<s>``=1, ``</s>``=2; ``<pad>`` (only when ``pad_token``) is
     appended as the last id, so all other ids are identical with and without pad.
     """
-    tok = Tokenizer.from_str(_base_tokenizer().to_str())  # independent copy
+    tok = Tokenizer.from_str(_base_tokenizer(bpe_vocab).to_str())  # independent copy
     if pad_token:
         tok.add_special_tokens([PAD])
     bos_id = tok.token_to_id(BOS)
@@ -263,14 +264,16 @@ def build_checkpoint(
     num_labels: int = 1,
     seed: int = 0,
     dtype=torch.float32,
+    bpe_vocab: int = VOCAB_SIZE,
     **config_overrides,
 ) -> pathlib.Path:
-    """Build and save (safetensors + tokenizer) a tiny random reward model; return ``path``."""
+    """Build and save (safetensors + tokenizer) a tiny random reward model; return ``path``.
+    ``bpe_vocab`` other than the default gives the checkpoint a tokenizer of its own (other ids)."""
     if arch not in ARCHS:
         raise ValueError(f"unknown arch {arch!r}; expected one of {ARCHS}")
     path = pathlib.Path(path)
     tokenizer = build_tokenizer(
-        pad_token=pad_token, padding_side=padding_side, chat_template=chat_template
+        pad_token=pad_token, padding_side=padding_side, chat_template=chat_template, bpe_vocab=bpe_vocab
     )
     ids = dict(
         pad_token_id=tokenizer.pad_token_id if pad_token else None,

@@ -12,7 +12,7 @@ import httpx
 import uvicorn
 
 from rewardserve.app import create_app
-from rewardserve.config import Settings
+from rewardserve.config import RegistryConfig, ServerSettings
 
 
 class RunningServer:
@@ -21,8 +21,13 @@ class RunningServer:
         self.app = app
 
     @property
-    def engine(self):
-        return self.app.state.engine
+    def registry(self):
+        return self.app.state.registry
+
+    @property
+    def name(self) -> str:
+        """The default entry's name."""
+        return self.registry.default
 
     def client(self, **kw) -> httpx.Client:
         return httpx.Client(base_url=self.url, timeout=kw.pop("timeout", 60), **kw)
@@ -36,12 +41,13 @@ class RunningServer:
 
 
 @contextlib.contextmanager
-def serve(settings: Settings, wait_ready: bool = True, ready_timeout: float = 120) -> Iterator[RunningServer]:
+def serve(settings: ServerSettings, registry: RegistryConfig, wait_ready: bool = True,
+          ready_timeout: float = 120) -> Iterator[RunningServer]:
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
-    app = create_app(settings)
+    app = create_app(settings, registry)
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
@@ -56,8 +62,8 @@ def serve(settings: Settings, wait_ready: bool = True, ready_timeout: float = 12
                     break
             except httpx.TransportError:
                 pass
-            if app.state.engine.load_error is not None and wait_ready:
-                raise RuntimeError(f"server failed to load: {app.state.engine.load_error!r}")
+            if app.state.registry.load_error is not None and wait_ready:
+                raise RuntimeError(f"server failed to load: {app.state.registry.failure}")
             if time.monotonic() > deadline:
                 raise TimeoutError(f"server at {url} not ready after {ready_timeout}s")
             time.sleep(0.05)

@@ -9,18 +9,18 @@ import sys
 
 import pytest
 
-from rewardserve.cli import build_parser, settings_from_args
-from rewardserve.config import Settings
+from rewardserve.cli import SETTING_FIELDS, build_parser, settings_from_args
 
 
 def test_every_setting_is_a_flag_and_flags_beat_the_environment(monkeypatch):
     parser = build_parser()
     monkeypatch.setenv("RS_MAX_BATCH_TOKENS", "777")
     monkeypatch.setenv("RS_WARMUP", "false")
-    s = settings_from_args(parser.parse_args(["serve"]))
+    s, _ = settings_from_args(parser.parse_args(["serve"]))
     assert s.max_batch_tokens == 777 and s.warmup is False
-    s = settings_from_args(parser.parse_args(["serve", "--max-batch-tokens", "999", "--warmup", "--dtype", "bfloat16"]))
-    assert s.max_batch_tokens == 999 and s.warmup is True and s.dtype == "bfloat16"
+    s, r = settings_from_args(parser.parse_args(["serve", "--max-batch-tokens", "999", "--warmup", "--dtype",
+                                                 "bfloat16"]))
+    assert s.max_batch_tokens == 999 and s.warmup is True and r.models[0].dtype == "bfloat16"
     with pytest.raises(SystemExit) as err:
         settings_from_args(parser.parse_args(["serve", "--max-batch-tokens", "lots"]))
     assert "--max-batch-tokens" in str(err.value)
@@ -29,7 +29,7 @@ def test_every_setting_is_a_flag_and_flags_beat_the_environment(monkeypatch):
 def test_serve_help_lists_every_setting_with_its_env_variable():
     serve = build_parser()._subparsers._group_actions[0].choices["serve"]
     text = serve.format_help()
-    for name in Settings.model_fields:
+    for name in SETTING_FIELDS:
         assert "--" + name.replace("_", "-") in text and f"RS_{name.upper()}" in text.replace("\n", " ").replace(" ", "")
 
 
@@ -71,3 +71,19 @@ def test_offline_score_writes_jsonl_in_order_with_errors_per_line(tiny_ckpt, tmp
     assert [r["reward"] for r in again[:3]] == pytest.approx([rows[0]["reward"], rows[1]["reward"], rows[4]["reward"]],
                                                              abs=1e-5)  # other batch company: fp32 rounding only
     assert again[3]["truncated"] is True and again[3]["tokens"] == 64
+
+
+def test_offline_score_with_a_registry_entry(tiny_ckpt, tmp_path):
+    reg = tmp_path / "registry.yaml"
+    reg.write_text(f"models:\n  - name: a\n    path: {tiny_ckpt('llama')}\n  - name: b\n    path: {tiny_ckpt('qwen2')}\n"
+                   "ensembles:\n  - name: both\n    members: [a, b]\n    aggregate: min\n")
+    lines = b"\n".join(json.dumps({"id": i, "text": f"line {i} " * (i + 1)}).encode() for i in range(3))
+    proc = _run_score(["--config", str(reg), "--entry", "both", "-q"], lines)
+    assert proc.returncode == 0, proc.stderr.decode()
+    both = [json.loads(x) for x in proc.stdout.decode().splitlines()]
+    alone = [json.loads(x) for x in _run_score(["--config", str(reg), "--entry", "b", "-q"], lines).stdout.splitlines()]
+    for row, b in zip(both, alone):
+        assert set(row) == {"id", "text", "reward", "tokens", "truncated", "members", "disagreement"}
+        assert row["reward"] == min(row["members"].values()) and row["members"]["b"] == pytest.approx(b["reward"])
+    proc = _run_score(["--config", str(reg), "--entry", "nope", "-q"], lines)
+    assert proc.returncode != 0 and b"--entry 'nope' is not in the registry" in proc.stderr

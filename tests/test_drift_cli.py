@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from rewardserve import drift_cli
-from rewardserve.config import Settings
+from rewardserve.config import quick
 from tests.server import serve
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -24,9 +24,9 @@ def _closed_port() -> int:
 
 @pytest.fixture(scope="module")
 def server(tiny_ckpt):
-    settings = Settings(model=str(tiny_ckpt("llama")), drift_reference_size=20, drift_window=20,
-                        monitor_interval_s=0.2)
-    with serve(settings) as srv:
+    settings = quick(model=str(tiny_ckpt("llama")), drift_reference_size=20, drift_window=20,
+                     monitor_interval_s=0.2)
+    with serve(*settings) as srv:
         with srv.client() as c:
             items = [{"prompt": f"What is {i} + {i}?", "response": f"{2 * i}" + " yes" * (i % 5)} for i in range(40)]
             assert c.post("/v1/score", json={"items": items[:20]}).status_code == 200
@@ -40,7 +40,7 @@ def test_report_and_plot_against_a_running_server(server, tmp_path, capsys):
     out = tmp_path / "drift.png"
     assert drift_cli.main(["--url", server.url, "--out", str(out)]) == 0
     text = capsys.readouterr().out
-    name = server.engine.name
+    name = server.name
     assert f"model {name}" in text
     for key in ("psi", "ks", "mean_shift", "reference_n  20", "current_n  20", "length_correlation", "group_std"):
         assert key in text, (key, text)
@@ -51,11 +51,11 @@ def test_report_and_plot_against_a_running_server(server, tmp_path, capsys):
 
 
 def test_model_filter(server, tmp_path, capsys):
-    assert drift_cli.main(["--url", server.url + "/", "--model", server.engine.name, "--no-plot"]) == 0
+    assert drift_cli.main(["--url", server.url + "/", "--model", server.name, "--no-plot"]) == 0
     assert "psi" in capsys.readouterr().out
     assert drift_cli.main(["--url", server.url, "--model", "nope", "--no-plot"]) == 1
     err = capsys.readouterr().err
-    assert "'nope' is not in the report" in err and server.engine.name in err
+    assert "'nope' is not in the report" in err and server.name in err
 
 
 def test_unreachable_server_exits_2_with_a_clear_message(tmp_path, capsys):

@@ -1,5 +1,5 @@
 """The Helm chart (helm/rewardserve): lint, render with default and production-like values, every
-RS_* variable it sets is a valid Settings value, and bad values fail with a message naming them."""
+RS_* variable it sets is a valid setting, and bad values fail with a message naming them."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from rewardserve.config import Settings
+from rewardserve.config import QuickModel, ServerSettings, quick
 from tests.conftest import require_tool
 
 CHART = Path(__file__).resolve().parents[1] / "helm" / "rewardserve"
@@ -67,13 +67,14 @@ def test_defaults_render_a_cpu_deployment_with_probes_on_health_endpoints():
 
 
 def test_every_rs_variable_is_a_valid_setting():
-    """What the chart renders must start the server: each RS_* value passes Settings' validation
+    """What the chart renders must start the server: each RS_* value passes the settings' validation
     (a YAML number printed as 1e+06, say, would not)."""
     dep = _docs("--set", "settings.max_queued_tokens=2000000", "--set", "settings.max_wait_ms=2.5",
                 "--set", "settings.monitoring=false", "--set", "redis.url=redis://redis:6379/0")["Deployment"]
     values = {name[3:].lower(): e["value"] for name, e in _env(dep).items() if name.startswith("RS_") and "value" in e}
-    assert set(values) <= set(Settings.model_fields)
-    settings = Settings(**values)
+    assert set(values) <= set(ServerSettings.model_fields) | set(QuickModel.model_fields)
+    settings, registry = quick(**values)
+    assert registry.models[0].devices == "cpu"
     assert settings.max_queued_tokens == 2_000_000 and settings.max_wait_ms == 2.5 and settings.monitoring is False
     assert settings.redis_url == "redis://redis:6379/0" and settings.port == 8000 and settings.host == "0.0.0.0"
 

@@ -52,3 +52,42 @@ def test_wheel_holds_one_top_level_package_with_every_subpackage_and_data(tmp_pa
                          env=dict(os.environ, PYTHONPATH=str(target))).stdout.split()
     assert out[0] == str(target / "rewardserve" / "__init__.py")
     assert Path(out[1]).is_file() and Path(out[1]).parent == target / "rewardserve" / "kernels"
+
+
+NO_TRITON = r"""
+import asyncio, sys
+sys.modules["triton"] = None  # `import triton` fails, as where it is not installed
+from rewardserve.api.schemas import Item
+from rewardserve.config import quick
+from rewardserve.engine.registry import Registry
+from rewardserve.kernels import rmsnorm
+from rewardserve.monitoring.metrics import Metrics
+from rewardserve.scorers.base import Call
+
+async def rewards(backend):
+    settings, registry = quick(backend=backend, lru_items=0, monitoring=False)
+    reg = Registry(settings, registry, Metrics())
+    await reg.start()
+    try:
+        items = [Item(prompt="What is 37 + 45?", response=r) for r in ("82", "83")]
+        return [r.reward for r in await reg.get(None).score(items, Call())]
+    finally:
+        await reg.stop()
+
+hf, packed = asyncio.run(rewards("hf")), asyncio.run(rewards("packed"))
+assert max(abs(a - b) for a, b in zip(hf, packed)) <= 1e-4, (hf, packed)
+try:
+    rmsnorm._rmsnorm_kernel[(1,)]()
+except RuntimeError as exc:
+    print(exc)
+print("ok", sys.modules["triton"], hf, packed)
+"""
+
+
+def test_the_hf_and_cpu_paths_need_no_triton():
+    done = subprocess.run([sys.executable, "-c", NO_TRITON], capture_output=True, text=True, timeout=600,
+                          env={k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = done.stdout.strip().splitlines()
+    assert lines[0] == "Triton is not installed: the kernel _rmsnorm_kernel runs on the CUDA path only (pip install triton)"
+    assert lines[1].startswith("ok None")

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from rewardserve.api.deps import ReadyEngine
+from rewardserve.api.deps import RegistryDep
 from rewardserve.errors import InvalidInput, ServiceError
+from rewardserve.monitoring.monitor import RewardMonitor
 
 
 class MonitoringOff(ServiceError):
@@ -13,27 +14,31 @@ class MonitoringOff(ServiceError):
     type = "monitoring_off"
 
 
-def _monitor(engine):
-    if engine.monitor is None:
+def _monitors(registry) -> dict[str, RewardMonitor]:
+    registry.get(None)  # 503 until loaded
+    if not registry.settings.monitoring:
         raise MonitoringOff("monitoring is off on this server (--monitoring)")
-    return engine.monitor
+    return {name: s.monitor for name, s in registry.scorers.items()}
+
 
 router = APIRouter(prefix="/admin", tags=["operations"])
 
 
 @router.get("/drift")
-async def drift_report(engine: ReadyEngine) -> dict:
-    """PSI, KS and standardized mean shift of the current reward window against the reference, per head,
-    with the rolling distribution and the reward-hacking signals. Computed fresh for this call."""
-    report = await _monitor(engine).refresh()
-    return {"models": {engine.name: report}}
+async def drift_report(registry: RegistryDep) -> dict:
+    """Per entry and head: PSI, KS and standardized mean shift of the current reward window against the
+    reference, with the rolling distribution and the reward-hacking signals. Computed fresh for this call."""
+    return {"models": {name: await m.refresh() for name, m in _monitors(registry).items()}}
 
 
 @router.post("/drift/reference")
-async def freeze_reference(engine: ReadyEngine) -> dict:
-    """Freeze the current window as the drift reference (e.g. at the start of a training run)."""
+async def freeze_reference(registry: RegistryDep, model: str | None = None) -> dict:
+    """Freeze an entry's current window as its drift reference (e.g. at the start of a training run);
+    `?model=NAME`, default: the default entry."""
+    monitors = _monitors(registry)
+    name = registry.get(model).name
     try:
-        n = _monitor(engine).freeze_reference()
+        n = monitors[name].freeze_reference()
     except ValueError as exc:
         raise InvalidInput(str(exc)) from None
-    return {"model": engine.name, "reference_n": n}
+    return {"model": name, "reference_n": n}

@@ -1,33 +1,59 @@
-"""Route dependencies: the engine, checked ready and matched against the requested model name."""
+"""What the routes share: the registry, the scorer a request names, and scoring with the request's
+options, its client's presence and its own field names for errors."""
 
 from __future__ import annotations
 
 import asyncio
-from typing import Annotated
+from typing import Annotated, Callable, Sequence
 
 from fastapi import Depends, Request
 
-from rewardserve.engine.engine import Engine
-from rewardserve.errors import ModelNotFound, NotReady
+from rewardserve.engine.registry import Registry
+from rewardserve.engine.types import Lane
+from rewardserve.errors import RequestTooLarge, ServiceError
+from rewardserve.models.tokenize import ItemLike
+from rewardserve.scorers.base import Call, Result, Scorer
 
 
-def get_engine(request: Request) -> Engine:
-    return request.app.state.engine
+def get_registry(request: Request) -> Registry:
+    return request.app.state.registry
 
 
-def ready_engine(engine: Annotated[Engine, Depends(get_engine)]) -> Engine:
-    if not engine.ready:
-        raise NotReady("model is still loading; poll /readyz")
-    return engine
+RegistryDep = Annotated[Registry, Depends(get_registry)]
+
+# (index in the scorer's item list, the item's part at fault) -> (index, field) in the route's own terms
+Locate = Callable[[int, str | None], tuple[int | None, str]]
 
 
-EngineDep = Annotated[Engine, Depends(get_engine)]
-ReadyEngine = Annotated[Engine, Depends(ready_engine)]
+def item_field(name: str) -> Locate:
+    """Items of a request list `name`: items[3], items[3].input_ids, ..."""
+    return lambda i, part: (i, f"{name}[{i}]" + (f".{part}" if part else ""))
 
 
-def check_model(engine: Engine, requested: str | None) -> None:
-    if requested is not None and requested != engine.name:
-        raise ModelNotFound(f"model {requested!r} is not served here; this server serves {engine.name!r}")
+def pick(request: Request, registry: Registry, name: str | None) -> Scorer:
+    """The scorer a request names; its name labels the request's metrics."""
+    scorer = registry.get(name)
+    request.state.model = scorer.name
+    return scorer
+
+
+async def score_items(request: Request, registry: Registry, opts, items: Sequence[ItemLike], locate: Locate,
+                      groups: Sequence[Sequence[int]] = ()) -> tuple[Scorer, list[Result]]:
+    """Score items with the scorer `opts.model` names, under the request's options; an error about one
+    item names it by `locate`."""
+    scorer = pick(request, registry, opts.model)
+    limit = registry.settings.max_items_per_request
+    if len(items) > limit:
+        raise RequestTooLarge(f"request expands to {len(items)} items, more than max_items_per_request ({limit})")
+    call = Call(lane=Lane[opts.priority], use_cache=opts.cache, truncation=opts.truncation, heads=opts.heads,
+                groups=groups)
+    try:
+        return scorer, await unless_disconnected(request, scorer.score(items, call))
+    except ServiceError as exc:
+        if exc.index is None or exc.field is not None:
+            raise
+        index, field = locate(exc.index, exc.part)
+        raise exc.located(index, field) from None
 
 
 async def until_disconnected(request: Request) -> None:

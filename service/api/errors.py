@@ -93,6 +93,10 @@ def install(app: FastAPI) -> None:
         )
 
 
+def model_label(scope) -> str:
+    """The entry a request was for (set by the route once it picked a scorer), else the default entry."""
+    return scope.get("state", {}).get("model") or scope["app"].state.registry.default
+
+
 def _count(request: Request, kind: str) -> None:
-    state = request.app.state
-    state.metrics.errors.labels(state.settings.model_name, kind).inc()
+    request.app.state.metrics.errors.labels(model_label(request.scope), kind).inc()

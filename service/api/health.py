@@ -1,11 +1,11 @@
-"""Liveness, readiness, model listing and Prometheus metrics."""
+"""Liveness, readiness, the registry's entries and Prometheus metrics."""
 
 from __future__ import annotations
 
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 
-from rewardserve.api.deps import EngineDep, ReadyEngine
+from rewardserve.api.deps import RegistryDep
 from rewardserve.api.schemas import ModelCard, ModelList
 from rewardserve.monitoring.metrics import CONTENT_TYPE
 
@@ -19,25 +19,22 @@ async def healthz() -> dict:
 
 
 @router.get("/readyz")
-async def readyz(engine: EngineDep) -> JSONResponse:
-    """200 once the model is loaded and warmed up, 503 before (and if loading failed)."""
-    if engine.ready:
-        return JSONResponse({"status": "ready", "model": engine.name})
-    if engine.load_error is not None:
-        message = f"model failed to load: {type(engine.load_error).__name__}: {engine.load_error}"
+async def readyz(registry: RegistryDep) -> JSONResponse:
+    """200 once every entry is loaded and warmed up, 503 before (and if loading failed)."""
+    if registry.ready:
+        return JSONResponse({"status": "ready", "model": registry.default, "models": registry.names})
+    if registry.failure is not None:
+        message = f"model failed to load: {registry.failure}"
         return JSONResponse({"error": {"type": "load_failed", "message": message}}, status_code=503)
-    return JSONResponse({"error": {"type": "not_ready", "message": "model is loading"}}, status_code=503)
+    return JSONResponse({"error": {"type": "not_ready", "message": "models are loading"}}, status_code=503)
 
 
-@router.get("/v1/models", response_model=ModelList)
-async def models(engine: ReadyEngine) -> ModelList:
-    m = engine.model
-    card = ModelCard(
-        id=m.name, source=m.source, architecture=m.architecture, num_labels=m.num_labels, labels=m.labels,
-        max_length=m.max_length, dtype=str(m.dtype).removeprefix("torch."), devices=m.devices,
-        backend=m.backend, attention=m.attention, fingerprint=engine.fingerprint,
-    )
-    return ModelList(data=[card])
+@router.get("/v1/models", response_model=ModelList, response_model_exclude_none=True)
+async def models(registry: RegistryDep) -> ModelList:
+    """Every entry of the registry with its kind (reward_model, ensemble), the default one first."""
+    registry.get(None)  # 503 until loaded
+    names = [registry.default] + [n for n in registry.names if n != registry.default]
+    return ModelList(data=[ModelCard(**registry.scorers[n].card()) for n in names])
 
 
 @router.get("/metrics")

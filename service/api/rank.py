@@ -6,36 +6,19 @@ import math
 
 from fastapi import APIRouter, Request
 
-from rewardserve.api.deps import ReadyEngine, check_model, unless_disconnected
+from rewardserve.api.deps import RegistryDep, score_items
 from rewardserve.api.schemas import (
-    ERROR_RESPONSES, BestOfNRequest, BestOfNResponse, CompareRequest, CompareResponse, Comparison, Item, Options,
-    Usage,
+    ERROR_RESPONSES, BestOfNRequest, BestOfNResponse, CompareRequest, CompareResponse, Comparison, Item, Usage,
 )
-from rewardserve.engine.engine import Engine, ScoredItem
-from rewardserve.engine.types import Lane, Ticket
 from rewardserve.errors import RequestTooLarge
 
 router = APIRouter(tags=["ranking"])
 
 
-async def score_grouped(engine: Engine, request: Request, opts: Options, items: list[Item],
-                        groups: list[list[int]]) -> list[ScoredItem]:
-    """Score items whose groups share a prompt; the route-level plumbing every scoring endpoint shares."""
-    check_model(engine, opts.model)
-    limit = engine.settings.max_items_per_request
-    if len(items) > limit:
-        raise RequestTooLarge(f"request expands to {len(items)} items, more than max_items_per_request ({limit})")
-    truncation = opts.truncation or engine.settings.default_truncation
-    return await unless_disconnected(request, engine.score_items(
-        items, truncation=truncation, lane=Lane[opts.priority], ticket=Ticket(), use_cache=opts.cache,
-        groups=groups,
-    ))
-
-
 @router.post("/v1/best_of_n", response_model=BestOfNResponse, responses=ERROR_RESPONSES)
-async def best_of_n(body: BestOfNRequest, request: Request, engine: ReadyEngine) -> BestOfNResponse:
+async def best_of_n(body: BestOfNRequest, request: Request, registry: RegistryDep) -> BestOfNResponse:
     """Rank N candidate responses to one prompt; the prompt's tokens are computed once."""
-    limit = engine.settings.max_candidates
+    limit = registry.settings.max_candidates
     if len(body.candidates) > limit:
         raise RequestTooLarge(f"candidates holds {len(body.candidates)} responses, more than max_candidates ({limit})")
     if body.prompt is not None:
@@ -46,11 +29,12 @@ async def best_of_n(body: BestOfNRequest, request: Request, engine: ReadyEngine)
         items = [Item.model_construct(prompt=None, response=None, text=None, input_ids=None, add_special_tokens=None,
                                       group=None, messages=chat + [{"role": "assistant", "content": c}])
                  for c in body.candidates]
-    scored = await score_grouped(engine, request, body, items, [list(range(len(items)))])
+    scorer, scored = await score_items(request, registry, body, items, lambda i, part: (i, f"candidates[{i}]"),
+                                       [list(range(len(items)))])
     rewards = [s.reward for s in scored]
     ranking = sorted(range(len(rewards)), key=lambda i: (-rewards[i], i))  # ties: the earlier candidate first
     margin = rewards[ranking[0]] - rewards[ranking[1]] if len(ranking) > 1 else None
-    return BestOfNResponse(model=engine.name, best_index=ranking[0], ranking=ranking[: body.top_k], rewards=rewards,
+    return BestOfNResponse(model=scorer.name, best_index=ranking[0], ranking=ranking[: body.top_k], rewards=rewards,
                            margin=margin, usage=Usage(tokens=sum(s.tokens for s in scored)))
 
 
@@ -59,7 +43,7 @@ def _sigmoid(x: float) -> float:
 
 
 @router.post("/v1/compare", response_model=CompareResponse, responses=ERROR_RESPONSES)
-async def compare(body: CompareRequest, request: Request, engine: ReadyEngine) -> CompareResponse:
+async def compare(body: CompareRequest, request: Request, registry: RegistryDep) -> CompareResponse:
     """Bradley-Terry preference between two responses to the same prompt, for one pair or a list."""
     pairs = body.pairs if body.pairs is not None else [body]
     items, groups = [], []
@@ -67,7 +51,11 @@ async def compare(body: CompareRequest, request: Request, engine: ReadyEngine) -
         groups.append([len(items), len(items) + 1])
         items += [Item.model_construct(prompt=p.prompt, response=r, messages=None, text=None, input_ids=None,
                                        add_special_tokens=None, group=None) for r in (p.a, p.b)]
-    scored = await score_grouped(engine, request, body, items, groups)
+    def locate(i: int, part: str | None) -> tuple[int | None, str]:
+        side = "ab"[i % 2]
+        return (i // 2, f"pairs[{i // 2}].{side}") if body.pairs is not None else (None, side)
+
+    scorer, scored = await score_items(request, registry, body, items, locate, groups)
     results = []
     for k, p in enumerate(pairs):
         ra, rb = scored[2 * k].reward, scored[2 * k + 1].reward
@@ -78,4 +66,4 @@ async def compare(body: CompareRequest, request: Request, engine: ReadyEngine) -
             if len(won) - len(lost) > tie.chars and abs(ra - rb) < tie.margin:
                 winner = "tie"
         results.append(Comparison(reward_a=ra, reward_b=rb, p_a_better=_sigmoid(ra - rb), winner=winner))
-    return CompareResponse(model=engine.name, results=results, usage=Usage(tokens=sum(s.tokens for s in scored)))
+    return CompareResponse(model=scorer.name, results=results, usage=Usage(tokens=sum(s.tokens for s in scored)))

@@ -69,10 +69,15 @@ class Item(Closed):
 class Options(Closed):
     """Per-request knobs shared by every scoring endpoint."""
 
-    model: StrictStr | None = Field(None, description="Served model name; optional when one model is served.")
-    truncation: Truncation | None = Field(None, description="Over-long items: left, right, or error (413).")
+    model: StrictStr | None = Field(None, description="A registry entry's name (see /v1/models); default: the "
+                                                      "server's default entry.")
+    truncation: Truncation | None = Field(None, description="Over-long items: left, right, or error (413). Default: "
+                                                            "the entry's.")
     priority: Priority = Field("interactive", description="interactive batches go before bulk ones.")
     cache: StrictBool = Field(True, description="false: neither read nor write the score cache for this request.")
+    heads: dict[StrictStr, float] | None = Field(
+        None, min_length=1, description="reward = sum of weight x head output, by head name (models with several "
+                                        "heads; default: the entry's, else head 0).")
 
 
 class ScoreRequest(Options):
@@ -147,8 +152,13 @@ class CompareResponse(BaseModel):
 
 class ItemResult(BaseModel):
     reward: float
-    scores: list[float] | None = Field(None, description="Every head's output, when the model has several.")
-    tokens: int
+    scores: dict[str, float] | None = Field(None, description="Every head's output by name, when the model has "
+                                                               "several.")
+    members: dict[str, float] | None = Field(None, description="Ensembles: each member's reward, before "
+                                                                "normalisation and aggregation.")
+    disagreement: float | None = Field(None, description="Ensembles: population std of the aggregated member "
+                                                         "rewards.")
+    tokens: int = Field(description="Tokens scored (an ensemble's: summed over its members).")
     truncated: bool
     cached: bool
 
@@ -165,19 +175,30 @@ class ScoreResponse(BaseModel):
 
 
 class ModelCard(BaseModel):
+    model_config = ConfigDict(populate_by_name=True)
+
     id: str
     object: Literal["model"] = "model"
-    source: str
-    architecture: str
-    num_labels: int
-    labels: list[str]
-    max_length: int
-    dtype: str
-    devices: list[str]
-    backend: str = Field(description="packed (the fast path) or hf (padded AutoModelForSequenceClassification).")
-    attention: str = Field("", description="The packed path's attention: varlen_attn (CUDA), C++ kernel or SDPA "
-                                           "(CPU); empty on the hf path.")
+    kind: Literal["reward_model", "ensemble"]
+    # reward models
+    source: str | None = None
+    architecture: str | None = None
+    num_labels: int | None = None
+    labels: list[str] | None = None
+    heads: dict[str, float] | None = Field(None, description="The entry's head weights (null: head 0).")
+    max_length: int | None = None
+    dtype: str | None = None
+    devices: list[str] | None = None
+    backend: str | None = Field(None, description="packed (the fast path) or hf (padded "
+                                                  "AutoModelForSequenceClassification).")
+    attention: str | None = Field(None, description="The packed path's attention: varlen_attn (CUDA), C++ kernel or "
+                                                    "SDPA (CPU); empty on the hf path.")
     fingerprint: str | None = Field(None, description="Digest of the weights and config (set when caching is on).")
+    # ensembles
+    members: list[str] | None = None
+    aggregate: str | None = None
+    lambda_: float | None = Field(None, alias="lambda")
+    normalize: bool | None = None
 
 
 class ModelList(BaseModel):

@@ -6,8 +6,7 @@ import time
 
 from fastapi import APIRouter, Request, Response
 
-from rewardserve.api.deps import ReadyEngine
-from rewardserve.api.rank import score_grouped
+from rewardserve.api.deps import RegistryDep, item_field, score_items
 from rewardserve.api.schemas import ERROR_RESPONSES, Item, ItemResult, ScoreRequest, ScoreResponse, Usage
 
 router = APIRouter(tags=["scoring"])
@@ -29,19 +28,14 @@ def detect_groups(items: list[Item]) -> list[list[int]]:
     return [idx for idx in by_key.values() if len(idx) > 1]
 
 
-@router.post("/v1/score", response_model=ScoreResponse, responses=ERROR_RESPONSES)
-async def score(body: ScoreRequest, request: Request, response: Response, engine: ReadyEngine) -> ScoreResponse:
-    """Score items with the reward model. Each item's reward is the model's output at its last token."""
+@router.post("/v1/score", response_model=ScoreResponse, response_model_exclude_none=True, responses=ERROR_RESPONSES)
+async def score(body: ScoreRequest, request: Request, response: Response, registry: RegistryDep) -> ScoreResponse:
+    """Score items with a registry entry: a reward model (its output at each item's last token) or an
+    ensemble (its members' rewards aggregated)."""
     start = time.perf_counter()
-    scored = await score_grouped(engine, request, body, body.items, detect_groups(body.items))
-    multi = engine.model.num_labels > 1
-    items = [
-        ItemResult(reward=s.reward, scores=s.scores if multi else None, tokens=s.tokens, truncated=s.truncated,
-                   cached=s.cached)
-        for s in scored
-    ]
+    scorer, results = await score_items(request, registry, body, body.items, item_field("items"),
+                                        detect_groups(body.items))
+    items = [ItemResult(**r.fields()) for r in results]
     response.headers["x-total-time"] = f"{(time.perf_counter() - start) * 1000:.3f}"
-    return ScoreResponse(
-        model=engine.name, rewards=[s.reward for s in scored], items=items,
-        usage=Usage(tokens=sum(s.tokens for s in scored)),
-    )
+    return ScoreResponse(model=scorer.name, rewards=[r.reward for r in results], items=items,
+                         usage=Usage(tokens=sum(r.tokens for r in results)))

@@ -20,10 +20,11 @@ import torch
 
 from rewardserve.kernels.attention_cpu import load_kernel
 from rewardserve.bench.throughput import SHAPES, batches_by_tokens, build_checkpoint, device_label, workload
-from rewardserve.config import Settings
+from rewardserve.config import ModelEntry
 from rewardserve.models.attention import packed_causal_attention
 from rewardserve.models.loading import load_model
 from rewardserve.models.packed import PackedBatch
+from rewardserve.models.units import lone
 
 
 def _timed(fn) -> float:
@@ -67,17 +68,17 @@ def run(n_items: int, lo: int, hi: int, repeats: int, batch_tokens: int, dtype_n
 
     with tempfile.TemporaryDirectory() as tmp:
         path = build_checkpoint("cpu", hi, Path(tmp))
-        base = dict(model=str(path), dtype=dtype_name, devices="cpu", max_batch_tokens=batch_tokens, warmup=False,
-                    lru_items=0, backend="packed")
-        models = {name: load_model(Settings(**base, cpu_attention_kernel=name == "kernel")).backends[0]
+        entry = ModelEntry(name="bench", path=str(path), dtype=dtype_name, devices="cpu", backend="packed")
+        models = {name: load_model(entry, batch_tokens, attention_kernel=name == "kernel").backends[0]
                   for name in impls}
     assert models["kernel"].model.ops.attention_kernel is not None, "the model lacks the kernel. This is a bug."
+    units = lone(seqs, None)
     for m in models.values():
-        m.score(seqs)  # warm-up
+        m.score(units)  # warm-up
     model_times: dict[str, list[float]] = {name: [] for name in models}
     for _ in range(repeats):
         for name, m in models.items():
-            model_times[name].append(_timed(lambda: m.score(seqs)))
+            model_times[name].append(_timed(lambda: m.score(units)))
     model = {name: {"tokens_per_s": round(T / statistics.median(ts), 1)} for name, ts in model_times.items()}
 
     speedup = attention["sdpa"]["seconds"] / attention["kernel"]["seconds"]

@@ -17,9 +17,9 @@ from pathlib import Path
 import torch
 
 from rewardserve.bench.throughput import _sync, build_checkpoint, device_label
-from rewardserve.config import Settings
+from rewardserve.config import ModelEntry
 from rewardserve.models.loading import load_model, resolve_dtype
-from rewardserve.models.units import Shared
+from rewardserve.models.units import Unit, lone
 
 
 def run(device_name: str, dtype_name: str, shapes: list[tuple[int, int, int]], groups: int, repeats: int,
@@ -29,8 +29,8 @@ def run(device_name: str, dtype_name: str, shapes: list[tuple[int, int, int]], g
     shape = "gpu" if device.type == "cuda" else "cpu"
     with tempfile.TemporaryDirectory() as tmp:
         path = build_checkpoint(shape, max(p + r for p, _, r in shapes), Path(tmp))
-        loaded = load_model(Settings(model=str(path), dtype=str(dtype).removeprefix("torch."), devices=device_name,
-                                     max_batch_tokens=batch_tokens, warmup=False, lru_items=0, backend=backend_kind))
+        loaded = load_model(ModelEntry(name="bench", path=str(path), dtype=str(dtype).removeprefix("torch."),
+                                       devices=device_name, backend=backend_kind), batch_tokens)
     backend = loaded.backends[0]
     rng = random.Random(0)
     vocab = loaded.encoder.vocab_size
@@ -40,8 +40,8 @@ def run(device_name: str, dtype_name: str, shapes: list[tuple[int, int, int]], g
         for _ in range(groups):
             prefix = [rng.randrange(1, vocab) for _ in range(prompt_len)]
             suffixes = [[rng.randrange(1, vocab) for _ in range(resp_len)] for _ in range(n)]
-            work.append(Shared(prefix, suffixes, [resp_len - 1] * n))
-        independent = [[u.prefix + s for s in u.suffixes] for u in work]
+            work.append(Unit(prefix, suffixes, [(resp_len - 1,)] * n))
+        independent = [lone([u.prefix + s for s in u.suffixes], loaded.pad_token_id) for u in work]
         logical = groups * n * (prompt_len + resp_len)
 
         def shared_once() -> float:

@@ -24,9 +24,10 @@ from tokenizers import Tokenizer
 from tokenizers.models import WordLevel
 from transformers import AutoModelForSequenceClassification, LlamaConfig, PreTrainedTokenizerFast
 
-from rewardserve.config import Settings
+from rewardserve.config import ModelEntry
 from rewardserve.models.hf_backend import HFBackend
 from rewardserve.models.loading import load_model, resolve_dtype
+from rewardserve.models.units import lone
 from rewardserve.models.packed import onednn_linear, onednn_pack, onednn_works
 
 # Realistic reward-model shapes: a ~40M Llama on CPU, a Qwen2.5-0.5B-class one on GPU.
@@ -141,10 +142,9 @@ def run(device_name: str, dtype_name: str, n_items: int, lo: int, hi: int, repea
     dtype = resolve_dtype(dtype_name, device)
     with tempfile.TemporaryDirectory() as tmp:
         path = build_checkpoint(shape, hi, Path(tmp))
-        base = dict(model=str(path), dtype=str(dtype).removeprefix("torch."), devices=device_name,
-                    max_batch_tokens=batch_tokens, warmup=False, lru_items=0)
-        fast = load_model(Settings(**base, backend="packed")).backends[0]
-        hf = load_model(Settings(**base, backend="hf")).backends[0]
+        base = dict(name="bench", path=str(path), dtype=str(dtype).removeprefix("torch."), devices=device_name)
+        fast = load_model(ModelEntry(**base, backend="packed"), batch_tokens).backends[0]
+        hf = load_model(ModelEntry(**base, backend="hf"), batch_tokens).backends[0]
     assert isinstance(hf, HFBackend)
     cfg = hf.model.config
     seqs = workload(n_items, lo, hi, cfg.vocab_size)
@@ -152,13 +152,15 @@ def run(device_name: str, dtype_name: str, n_items: int, lo: int, hi: int, repea
     paths = {"a_hf_arrival_order": ArrivalOrderHF(hf.model, device, batch_items, 0), "b_hf_length_sorted": hf,
              "c_packed": fast}
 
+    batches = [lone(b, hf.pad_token_id) for b in batches_by_tokens(seqs, batch_tokens)]
+
     def once(name: str) -> float:
         _sync(device)
         t = time.perf_counter()
         if name.startswith("a_"):
             paths[name].score(seqs)
         else:
-            for b in batches_by_tokens(seqs, batch_tokens):
+            for b in batches:
                 paths[name].score(b)
         _sync(device)
         return tokens / (time.perf_counter() - t)

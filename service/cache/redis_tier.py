@@ -46,7 +46,9 @@ class Breaker:
 
 
 class RedisTier:
-    def __init__(self, url: str, *, password: str | None, ttl: int, timeout: float, metrics: Metrics, model: str,
+    """One connection pool and one breaker for the process; metrics carry the model each call is for."""
+
+    def __init__(self, url: str, *, password: str | None, ttl: int, timeout: float, metrics: Metrics,
                  breaker_failures: int = 3, breaker_cooldown: float = 2.0):
         kwargs = {"password": password} if password else {}
         self.client = aioredis.Redis.from_url(
@@ -57,14 +59,19 @@ class RedisTier:
         self.timeout = timeout
         self.breaker = Breaker(breaker_failures, breaker_cooldown)
         self.metrics = metrics
-        self.model = model
+        self.models: list[str] = []
         self._writes: set[asyncio.Task] = set()
+
+    def register(self, model: str) -> None:
+        """A model whose scores go through this tier (the breaker's gauge is published for each)."""
+        self.models.append(model)
         self._publish_state()
 
     def _publish_state(self) -> None:
-        self.metrics.cache_breaker_state.labels(self.model).set(self.breaker.state)
+        for model in self.models:
+            self.metrics.cache_breaker_state.labels(model).set(self.breaker.state)
 
-    async def _call(self, op: str, coro_fn):
+    async def _call(self, op: str, model: str, coro_fn):
         """Run one Redis round trip under the deadline and the breaker; None on any failure."""
         if not self.breaker.allow():
             self._publish_state()
@@ -74,41 +81,41 @@ class RedisTier:
             result = await asyncio.wait_for(coro_fn(), self.timeout)
         except Exception as exc:  # fail-open: connection refused, timeout, protocol garbage, auth...
             kind = "timeout" if isinstance(exc, (asyncio.TimeoutError, TimeoutError)) else type(exc).__name__
-            self.metrics.cache_errors.labels(self.model, kind).inc()
+            self.metrics.cache_errors.labels(model, kind).inc()
             self.breaker.failure()
             self._publish_state()
             log.debug("redis %s failed: %r", op, exc)
             return None
         finally:
-            self.metrics.cache_duration.labels(self.model, "redis", op).observe(time.perf_counter() - start)
+            self.metrics.cache_duration.labels(model, "redis", op).observe(time.perf_counter() - start)
         self.breaker.success()
         self._publish_state()
         return result
 
-    async def mget(self, keys: list[bytes]) -> list[bytes | None]:
-        result = await self._call("get", lambda: self.client.mget(keys))
+    async def mget(self, keys: list[bytes], model: str) -> list[bytes | None]:
+        result = await self._call("get", model, lambda: self.client.mget(keys))
         if not isinstance(result, list) or len(result) != len(keys):
             return [None] * len(keys)
         return result
 
-    def set_many_background(self, pairs: list[tuple[bytes, bytes]]) -> None:
+    def set_many_background(self, pairs: list[tuple[bytes, bytes]], model: str) -> None:
         if not pairs:
             return
         if len(self._writes) >= _MAX_PENDING_WRITES:
-            self.metrics.cache_errors.labels(self.model, "write_skipped").inc()
+            self.metrics.cache_errors.labels(model, "write_skipped").inc()
             return
-        task = asyncio.get_running_loop().create_task(self._set_many(pairs))
+        task = asyncio.get_running_loop().create_task(self._set_many(pairs, model))
         self._writes.add(task)
         task.add_done_callback(self._writes.discard)
 
-    async def _set_many(self, pairs: list[tuple[bytes, bytes]]) -> None:
+    async def _set_many(self, pairs: list[tuple[bytes, bytes]], model: str) -> None:
         async def run():
             pipe = self.client.pipeline(transaction=False)
             for key, value in pairs:
                 pipe.set(key, value, ex=self.ttl)
             return await pipe.execute()
 
-        await self._call("set", run)
+        await self._call("set", model, run)
 
     async def flush_writes(self) -> None:
         if self._writes:

@@ -13,22 +13,32 @@ import asyncio
 import math
 import time
 from collections import deque
+from dataclasses import dataclass
 
 from rewardserve.aio import cancel_and_wait
-from rewardserve.config import Settings
 from rewardserve.engine.types import Lane, Ticket, WorkItem
-from rewardserve.engine.workers import WorkerPool
+from rewardserve.engine.workers import ModelWorkers
 from rewardserve.errors import Overloaded, RequestTooLarge
-from rewardserve.models.units import Unit, unit_tokens
+from rewardserve.models.units import Unit
 from rewardserve.monitoring.metrics import Metrics
 
 
+@dataclass(frozen=True)
+class Budgets:
+    max_tokens: int  # a batch closes at this many real tokens
+    max_items: int  # ... or this many units
+    max_wait: float  # ... or this many seconds after its oldest unit arrived
+    max_queued: int  # tokens the queue may hold before requests get 429
+
+
 class Batcher:
-    def __init__(self, settings: Settings, pool: WorkerPool, metrics: Metrics, model_name: str):
-        self.max_tokens = settings.max_batch_tokens
-        self.max_items = settings.max_batch_items
-        self.max_wait = settings.max_wait_ms / 1000
-        self.max_queued = settings.max_queued_tokens
+    """One model's queue; its batches go to whichever of the model's devices is free."""
+
+    def __init__(self, budgets: Budgets, pool: ModelWorkers, metrics: Metrics, model_name: str):
+        self.max_tokens = budgets.max_tokens
+        self.max_items = budgets.max_items
+        self.max_wait = budgets.max_wait
+        self.max_queued = budgets.max_queued
         self.pool = pool
         self.metrics = metrics
         self.model = model_name
@@ -38,9 +48,9 @@ class Batcher:
         self._task: asyncio.Task | None = None
 
     # -- producer side (request handlers) -------------------------------------------------------
-    def submit(self, seqs: list[Unit], lane: Lane, ticket: Ticket) -> list[WorkItem]:
+    def submit(self, units: list[Unit], lane: Lane, ticket: Ticket) -> list[WorkItem]:
         """Queue one request's items, or reject the whole request (nothing is half-admitted)."""
-        tokens = sum(unit_tokens(s) for s in seqs)
+        tokens = sum(u.tokens for u in units)
         if tokens > self.max_queued:
             raise RequestTooLarge(
                 f"request holds {tokens} tokens, more than the server's queue capacity ({self.max_queued}); split it"
@@ -53,7 +63,7 @@ class Batcher:
             )
         loop = asyncio.get_running_loop()
         now = time.perf_counter()
-        items = [WorkItem(s, lane, [ticket], loop.create_future(), now) for s in seqs]
+        items = [WorkItem(u, lane, [ticket], loop.create_future(), now) for u in units]
         self.lanes[lane].extend(items)
         self.queued_tokens += tokens
         self._publish_depth()

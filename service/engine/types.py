@@ -7,7 +7,7 @@ import time
 from dataclasses import dataclass, field
 from enum import IntEnum
 
-from rewardserve.models.units import Unit, unit_tokens
+from rewardserve.models.units import Unit
 
 
 class Lane(IntEnum):
@@ -29,7 +29,7 @@ class Ticket:
 
 @dataclass(eq=False, slots=True)
 class WorkItem:
-    work: Unit  # a token-id sequence, or a shared-prefix group (its future then holds one row per member)
+    work: Unit  # its future holds the unit's output rows, in order
     lane: Lane
     tickets: list[Ticket]  # every request waiting for this item (single-flight adds to it)
     future: asyncio.Future
@@ -37,7 +37,7 @@ class WorkItem:
 
     @property
     def tokens(self) -> int:
-        return unit_tokens(self.work)
+        return self.work.tokens
 
     @property
     def dead(self) -> bool:

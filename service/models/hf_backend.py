@@ -24,8 +24,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from rewardserve.models.pooling import last_token_index
-from rewardserve.models.units import Shared, Unit, flatten
+from rewardserve.errors import bug
+from rewardserve.models.units import Unit
 
 
 @dataclass(slots=True)
@@ -72,40 +72,37 @@ class HFBackend:
 
     @torch.inference_mode()
     def score(self, units: list[Unit]) -> BatchOutput:
-        if not self.shares_prefix:
-            units = flatten(units)
-        rows, plain, row = [], [], 0  # rows: (first output row, Shared unit); plain: (output row, ids)
+        out = torch.empty(sum(u.rows for u in units), self.model.config.num_labels, dtype=torch.float32)
+        plain: list[tuple[int, list[int], tuple[int, ...]]] = []  # (first output row, ids, pooled positions)
+        computed = real = row = 0
         for u in units:
-            if isinstance(u, Shared):
-                rows.append((row, u))
-                row += len(u.suffixes)
-            else:
-                plain.append((row, u))
-                row += 1
-        out = torch.empty(row, self.model.config.num_labels, dtype=torch.float32)
-        computed = real = 0
-        lengths = [len(ids) for _, ids in plain]
+            if u.prefix and self.shares_prefix:
+                scores, positions = self._forward_shared(u)
+                out[row: row + u.rows] = scores
+                computed, real, row = computed + positions, real + u.tokens, row + u.rows
+                continue
+            for ids, pools in u.sequences():  # a lone sequence, or a group this model cannot share
+                plain.append((row, ids, pools))
+                row += len(pools)
+        lengths = [len(ids) for _, ids, _ in plain]
         for group in plan_padded(lengths, self.max_batch_tokens):
-            seqs = [plain[i][1] for i in group]
             longest = max(lengths[i] for i in group)
             computed += longest * len(group)
-            out[[plain[i][0] for i in group]] = self._forward(seqs, longest)
-        real += sum(lengths)
-        for first, unit in rows:
-            scores, positions = self._forward_shared(unit)
-            out[first: first + len(unit.suffixes)] = scores
-            computed += positions
-            real += unit.tokens
-        return BatchOutput(out, computed, real)
+            rows = [plain[i][0] + j for i in group for j in range(len(plain[i][2]))]
+            out[rows] = self._forward([plain[i][1] for i in group], [plain[i][2] for i in group], longest)
+        return BatchOutput(out, computed, real + sum(lengths))
 
-    def _forward_shared(self, unit: Shared) -> tuple[torch.Tensor, int]:
+    def _forward_shared(self, unit: Unit) -> tuple[torch.Tensor, int]:
         """The prompt once with a cache, then the responses in padded chunks against copies of it."""
         p = len(unit.prefix)
         ids = torch.tensor([unit.prefix], dtype=torch.long, device=self.device)
         prompt = self.backbone(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True,
                                position_ids=torch.arange(p, device=self.device)[None])
-        scores = torch.empty(len(unit.suffixes), self.model.config.num_labels, dtype=torch.float32)
         lengths = [len(s) for s in unit.suffixes]
+        first = [0]
+        for pools in unit.pools:
+            first.append(first[-1] + len(pools))
+        scores = torch.empty(first[-1], self.model.config.num_labels, dtype=torch.float32)
         computed = p
         for group in plan_padded(lengths, self.max_batch_tokens):
             n, longest = len(group), max(lengths[i] for i in group)
@@ -121,11 +118,17 @@ class HFBackend:
             positions = torch.arange(p, p + longest, device=self.device).expand(n, longest)
             hidden = self.backbone(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
                                    position_ids=positions, past_key_values=cache, use_cache=True).last_hidden_state
-            pos = torch.tensor([unit.pools[i] for i in group], device=self.device)
-            scores[group] = self.model.score(hidden[torch.arange(n, device=self.device), pos]).float().cpu()
+            rows = [first[i] + j for i in group for j in range(len(unit.pools[i]))]
+            scores[rows] = self._head(hidden, [unit.pools[i] for i in group])
         return scores, computed
 
-    def _forward(self, seqs: list[list[int]], longest: int) -> torch.Tensor:
+    def _head(self, hidden: torch.Tensor, pools: list[tuple[int, ...]]) -> torch.Tensor:
+        """The score head at each row's pooled positions: (n, L, H) -> (sum of len(pools), K) fp32 on CPU."""
+        r = torch.tensor([i for i, p in enumerate(pools) for _ in p], device=self.device)
+        c = torch.tensor([q for p in pools for q in p], device=self.device)
+        return self.model.score(hidden[r, c]).float().cpu()
+
+    def _forward(self, seqs: list[list[int]], pools: list[tuple[int, ...]], longest: int) -> torch.Tensor:
         n = len(seqs)
         ids = torch.full((n, longest), self.fill_id, dtype=torch.long)
         mask = torch.zeros((n, longest), dtype=torch.long)
@@ -133,12 +136,12 @@ class HFBackend:
             ids[r, : len(s)] = torch.tensor(s, dtype=torch.long)
             mask[r, : len(s)] = 1
         ids, mask = ids.to(self.device), mask.to(self.device)
-        if not self.last_token_head:
+        if not self.last_token_head:  # the model pools by its own rule: one row per sequence
+            if any(len(p) != 1 for p in pools):
+                raise bug(f"{type(self.model).__name__} pools by itself; it cannot read several positions.")
             return self.model(input_ids=ids, attention_mask=mask).logits.float().cpu()
         kwargs = {}
         if self.pass_positions:
             kwargs["position_ids"] = torch.arange(longest, device=self.device).expand(n, longest)
         hidden = self.backbone(input_ids=ids, attention_mask=mask, **kwargs).last_hidden_state  # (n, L, H)
-        pos = torch.tensor([last_token_index(s, self.pad_token_id) for s in seqs], device=self.device)
-        pooled = hidden[torch.arange(n, device=self.device), pos]  # (n, H)
-        return self.model.score(pooled).float().cpu()  # (n, K)
+        return self._head(hidden, pools)

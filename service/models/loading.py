@@ -14,12 +14,11 @@ import torch
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 from transformers.utils import cached_file
 
-from rewardserve.config import Settings
+from rewardserve.config import ModelEntry
 from rewardserve.models.hf_backend import HFBackend
 from rewardserve.models.packed import DecoderConfig, load_packed
 from rewardserve.models.packed_backend import PackedBackend, rotary_parameters
 from rewardserve.models.tokenize import ItemEncoder
-from rewardserve.runtime import keep_freed_memory
 
 log = logging.getLogger(__name__)
 
@@ -108,13 +107,13 @@ def choose_backend(requested: str, config, model_dir: Path | None) -> tuple[str,
     return "hf", reason
 
 
-def load_model(settings: Settings) -> LoadedModel:
-    source = settings.model
-    common: dict = {"trust_remote_code": settings.trust_remote_code}
-    if settings.revision and not Path(source).exists():
-        common["revision"] = settings.revision
-    if settings.cpu_threads:
-        torch.set_num_threads(settings.cpu_threads)
+def load_model(entry: ModelEntry, max_batch_tokens: int, attention_kernel: bool = True) -> LoadedModel:
+    """Load `entry`'s checkpoint onto its devices. `max_batch_tokens` is its batch budget (it caps
+    max_length: the longest item must fit in one batch); `attention_kernel`: the CPU attention kernel."""
+    source = entry.path
+    common: dict = {"trust_remote_code": entry.trust_remote_code}
+    if entry.revision and not Path(source).exists():
+        common["revision"] = entry.revision
     try:
         config = AutoConfig.from_pretrained(source, **common)
     except OSError as exc:  # HF's message names neither the model nor whether it looked locally
@@ -126,18 +125,20 @@ def load_model(settings: Settings) -> LoadedModel:
             f"{source} is not a reward model checkpoint (architectures={archs}): loading it for sequence "
             "classification would attach a randomly initialised score head"
         )
-    devices = resolve_devices(settings.devices)
-    dtype = resolve_dtype(settings.dtype, devices[0])
-    if settings.cpu_keep_memory and any(d.type == "cpu" for d in devices):
-        keep_freed_memory()
+    labels = [config.id2label.get(i, f"LABEL_{i}") for i in range(config.num_labels)]
+    unknown = sorted(set(entry.heads or ()) - set(labels))
+    if unknown:
+        raise ValueError(f"heads: {unknown} are not heads of {source}; its heads are {labels}")
+    devices = resolve_devices(entry.devices)
+    dtype = resolve_dtype(entry.dtype, devices[0])
     tokenizer = AutoTokenizer.from_pretrained(source, **common)
-    kind, why = choose_backend(settings.backend, config, Path(source) if Path(source).is_dir() else None)
+    kind, why = choose_backend(entry.backend, config, Path(source) if Path(source).is_dir() else None)
     model_dir = _model_dir(source, common, want_safetensors=kind == "packed")
     if kind == "packed":
-        kind, why = choose_backend(settings.backend, config, model_dir)
+        kind, why = choose_backend(entry.backend, config, model_dir)
 
-    limits = [settings.max_batch_tokens]
-    for value in (settings.max_length, _model_max_positions(config)):
+    limits = [max_batch_tokens]
+    for value in (entry.max_length, _model_max_positions(config)):
         if value:
             limits.append(value)
     max_length = min(limits)
@@ -149,22 +150,21 @@ def load_model(settings: Settings) -> LoadedModel:
         vocab = base.cfg.vocab_size
         for i, device in enumerate(devices):
             replica = base if i == len(devices) - 1 else copy.deepcopy(base)
-            replica.to_device(device, dtype, settings.cpu_attention_kernel)
-            backends.append(PackedBackend(replica, device, settings.max_batch_tokens, pad_id))
+            replica.to_device(device, dtype, attention_kernel)
+            backends.append(PackedBackend(replica, device))
     else:
         model = AutoModelForSequenceClassification.from_pretrained(source, dtype=dtype, **common).eval()
         vocab = model.get_input_embeddings().num_embeddings
         for i, device in enumerate(devices):
             replica = model if i == len(devices) - 1 else copy.deepcopy(model)
-            backends.append(HFBackend(replica.to(device), device, settings.max_batch_tokens))
+            backends.append(HFBackend(replica.to(device), device, max_batch_tokens))
     encoder = ItemEncoder(tokenizer, max_length=max_length, vocab_size=vocab)
-    labels = [config.id2label.get(i, f"LABEL_{i}") for i in range(config.num_labels)]
     loaded = LoadedModel(
-        name=settings.model_name, source=source, model_dir=model_dir, architecture=(archs or ["unknown"])[0],
+        name=entry.name, source=source, model_dir=model_dir, architecture=(archs or ["unknown"])[0],
         num_labels=config.num_labels, labels=labels, max_length=max_length, dtype=dtype, encoder=encoder,
         pad_token_id=pad_id, backend=kind, backends=backends,
     )
     attention = f", attention: {loaded.attention}" if loaded.attention else ""
-    log.info("loaded %s (%s, %s) on %s with the %s backend (%s%s), max_length=%d", source, archs, dtype, devices,
-             kind, why, attention, max_length)
+    log.info("loaded %s as %r (%s, %s) on %s with the %s backend (%s%s), max_length=%d", source, entry.name, archs,
+             dtype, devices, kind, why, attention, max_length)
     return loaded

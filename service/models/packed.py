@@ -27,8 +27,7 @@ from rewardserve.kernels.rmsnorm import rmsnorm_cpu, rmsnorm_triton
 from rewardserve.kernels.rope import rope_cpu, rope_tables, rope_triton
 from rewardserve.kernels.swiglu import silu_mul_, swiglu_triton
 from rewardserve.models.attention import packed_causal_attention
-from rewardserve.models.pooling import last_token_index
-from rewardserve.models.units import Shared, Unit
+from rewardserve.models.units import Unit
 
 FAMILIES = ("llama", "qwen2", "qwen3", "mistral")
 # "dynamic" (NTK) rescales the frequencies only for a sequence longer than max_position_embeddings,
@@ -238,7 +237,7 @@ class PackedBatch:
     attention_plan: list | None = None  # built by the attention on first use, shared by every layer
 
     @classmethod
-    def build(cls, units: list[Unit], pad_token_id: int | None, device) -> "PackedBatch":
+    def build(cls, units: list[Unit], device) -> "PackedBatch":
         ids: list[int] = []
         positions: list[torch.Tensor] = []
         cu, parents, last = [0], [], []
@@ -251,14 +250,10 @@ class PackedBatch:
             return len(parents) - 1
 
         for u in units:
-            if isinstance(u, Shared):
-                p = segment(u.prefix, 0, -1)
-                for suffix, pool in zip(u.suffixes, u.pools):
-                    seg = segment(suffix, len(u.prefix), p)
-                    last.append(cu[seg] + pool)
-            else:
-                seg = segment(u, 0, -1)
-                last.append(cu[seg] + last_token_index(u, pad_token_id))
+            parent = segment(u.prefix, 0, -1) if u.prefix else -1
+            for suffix, pools in zip(u.suffixes, u.pools):
+                seg = segment(suffix, len(u.prefix), parent)
+                last.extend(cu[seg] + q for q in pools)
         return cls(torch.tensor(ids, dtype=torch.long, device=device), torch.cat(positions).to(device), cu,
                    parents, torch.tensor(last, dtype=torch.long, device=device), torch.device(device))
 

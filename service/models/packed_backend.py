@@ -23,18 +23,15 @@ def rotary_parameters(hf_config) -> tuple[torch.Tensor, float]:
 
 class PackedBackend:
     kind = "packed"
-    shares_prefix = True  # Shared units become tree-shaped packed segments
+    shares_prefix = True  # a unit's prefix and suffixes become tree-shaped packed segments
 
-    def __init__(self, model: PackedRewardModel, device: torch.device, max_batch_tokens: int,
-                 pad_token_id: int | None):
+    def __init__(self, model: PackedRewardModel, device: torch.device):
         self.model = model
         self.device = device
-        self.max_batch_tokens = max_batch_tokens
-        self.pad_token_id = pad_token_id
 
     @torch.inference_mode()
     def score(self, batch: list[Unit]) -> BatchOutput:
-        packed = PackedBatch.build(batch, self.pad_token_id, self.device)
+        packed = PackedBatch.build(batch, self.device)
         scores = self.model(packed).float().cpu()  # (rows, K)
         tokens = packed.cu_seqlens[-1]
         return BatchOutput(scores, tokens, tokens)

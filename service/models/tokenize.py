@@ -51,13 +51,12 @@ class ItemEncoder:
         if not self.has_template:
             raise InvalidInput(
                 "this model's tokenizer has no chat template: send 'text' or 'input_ids' instead of 'messages'",
-                index=index, field=f"items[{index}].messages",
+                index=index, part="messages",
             )
         try:
             return self.tokenizer.apply_chat_template(messages, tokenize=False)
         except Exception as exc:  # jinja errors name the template problem; the item is what the user can fix
-            raise InvalidInput(f"chat template failed on this item: {exc}", index=index,
-                               field=f"items[{index}].messages") from exc
+            raise InvalidInput(f"chat template failed on this item: {exc}", index=index, part="messages") from exc
 
     def _text_of(self, item: ItemLike, index: int) -> tuple[str, bool]:
         """(text, add_special_tokens) for a text-bearing item."""
@@ -97,7 +96,7 @@ class ItemEncoder:
             if not 0 <= t < self.vocab_size:
                 raise InvalidInput(
                     f"input_ids[{j}] = {t} is outside the model's vocabulary [0, {self.vocab_size})",
-                    index=index, field=f"items[{index}].input_ids",
+                    index=index, part="input_ids",
                 )
         return list(ids)
 

@@ -1,0 +1,1 @@
+"""Prometheus metrics (every one in metrics.py), and the reward drift and hacking monitors."""

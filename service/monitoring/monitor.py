@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from rewardserve.aio import cancel_and_wait
-from rewardserve.config import Settings
+from rewardserve.config import ServerSettings
 from rewardserve.monitoring import drift
 from rewardserve.monitoring.metrics import Metrics
 
@@ -33,7 +33,10 @@ QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
 
 
 class RewardMonitor:
-    def __init__(self, settings: Settings, metrics: Metrics, model: str, labels: list[str], buckets: list[float]):
+    """One registry entry's monitor (a model per head, an ensemble on its aggregate reward)."""
+
+    def __init__(self, settings: ServerSettings, metrics: Metrics, model: str, labels: list[str], buckets: list[float],
+                 default: bool = True):
         self.s = settings
         self.metrics = metrics
         self.model = model
@@ -48,7 +51,7 @@ class RewardMonitor:
         self.report: dict = {}
         self._task: asyncio.Task | None = None
         if settings.drift_reference_file:
-            self.load_reference(Path(settings.drift_reference_file))
+            self.load_reference(Path(settings.drift_reference_file), default)
 
     # -- request path: appends only ----------------------------------------------------------
     def observe(self, rows: list[list[float]], tokens: list[int], groups=(), spreads: list[float] | None = None):
@@ -76,9 +79,16 @@ class RewardMonitor:
         self._pending_reference = []
         return len(self.reference)
 
-    def load_reference(self, path: Path) -> None:
-        """A JSON list of rewards (one head) or {head_label: [rewards]}."""
+    def load_reference(self, path: Path, default: bool = True) -> None:
+        """A JSON list of rewards (one head) or {head_label: [rewards]}, for the default entry; or
+        {"models": {entry: either of those}} for the entries it names."""
         data = json.loads(path.read_text())
+        if isinstance(data, dict) and isinstance(data.get("models"), dict):
+            if self.model not in data["models"]:
+                return
+            data = data["models"][self.model]
+        elif not default:
+            return
         if isinstance(data, dict):
             cols = [data[label] for label in self.labels]
             self.reference = np.asarray(cols, dtype=float).T

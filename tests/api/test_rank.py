@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from rewardserve.config import Settings
+from rewardserve.config import quick
 from tests.server import serve
 
 PROMPT = "Please compare these answers about the Apollo 11 landing in 1969, and think about it carefully."
@@ -18,7 +18,7 @@ CANDIDATES = ["", "Yes.", "The Moon landing happened in July 1969; 600 million p
                 ids=["llama-packed", "qwen3-packed", "llama-hf", "gpt2-hf"])
 def server(request, tiny_ckpt):
     arch, backend = request.param
-    with serve(Settings(model=str(tiny_ckpt(arch)), backend=backend, max_wait_ms=1, lru_items=0,
+    with serve(*quick(model=str(tiny_ckpt(arch)), backend=backend, max_wait_ms=1, lru_items=0,
                         max_candidates=8)) as s:
         yield s
 
@@ -36,7 +36,7 @@ def _alone(client, prompt, responses):
 
 
 def test_best_of_n_ranks_with_rewards_equal_to_independent_scoring(server, client):
-    name = server.engine.name
+    name = server.name
     saved = server.metric("rewardserve_prefix_saved_tokens_total", model=name)
     r = client.post("/v1/best_of_n", json={"prompt": PROMPT, "candidates": CANDIDATES})
     assert r.status_code == 200, r.text
@@ -90,7 +90,7 @@ def test_length_tie_rule(client):
 
 
 def test_score_groups_by_prompt_or_group_field_without_changing_rewards(server, client):
-    name = server.engine.name
+    name = server.name
     items = [{"prompt": PROMPT, "response": c} for c in CANDIDATES[1:]] + [{"text": "unrelated item"}]
     saved = server.metric("rewardserve_prefix_saved_tokens_total", model=name)
     grouped = client.post("/v1/score", json={"items": items}).json()["rewards"]

@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from rewardserve.config import Settings
+from rewardserve.config import quick
 from tests.conftest import attention_kernel_builds
 from tests.server import serve
 
@@ -18,7 +18,7 @@ def ckpt(tiny_ckpt):
 
 @pytest.fixture(scope="module")
 def server(ckpt):
-    with serve(Settings(model=str(ckpt), max_wait_ms=5, max_items_per_request=16, max_length=64)) as s:
+    with serve(*quick(model=str(ckpt), max_wait_ms=5, max_items_per_request=16, max_length=64)) as s:
         yield s
 
 
@@ -49,7 +49,7 @@ def test_scores_in_input_order_equal_hf(server, client, ckpt):
     ]
     with torch.inference_mode():
         ref = [hf(input_ids=torch.tensor([s])).logits[0, 0].item() for s in seqs]
-    assert body["model"] == server.engine.name
+    assert body["model"] == server.name
     assert [it["tokens"] for it in body["items"]] == [len(s) for s in seqs]
     assert body["usage"]["tokens"] == sum(len(s) for s in seqs)
     assert body["rewards"] == [it["reward"] for it in body["items"]]
@@ -63,14 +63,13 @@ def test_truncation_left_right_and_error(client):
     r = client.post("/v1/score", json={"items": [{"text": "short"}, long]})
     assert r.status_code == 413
     assert r.json()["error"] == {
-        "type": "item_too_long", "index": 1,
+        "type": "item_too_long", "index": 1, "field": "items[1]",
         "message": r.json()["error"]["message"],
     } and "max_length 64" in r.json()["error"]["message"]
     for side in ("left", "right"):
         r = client.post("/v1/score", json={"items": [long], "truncation": side})
         assert r.status_code == 200
-        assert r.json()["items"][0] | {"reward": 0} == {"reward": 0, "tokens": 64, "truncated": True, "cached": False,
-                                                         "scores": None}
+        assert r.json()["items"][0] | {"reward": 0} == {"reward": 0, "tokens": 64, "truncated": True, "cached": False}
     left, right = (client.post("/v1/score", json={"items": [{"text": "a b c " * 60 + "END"}], "truncation": s})
                    .json()["rewards"][0] for s in ("left", "right"))
     assert left != right
@@ -124,11 +123,12 @@ def test_invalid_json_and_wrong_content(client):
 
 def test_models_health_ready_metrics_docs(server, client, ckpt):
     assert client.get("/healthz").json() == {"status": "ok"}
-    assert client.get("/readyz").json() == {"status": "ready", "model": server.engine.name}
+    assert client.get("/readyz").json() == {"status": "ready", "model": server.name, "models": [server.name]}
     [card] = client.get("/v1/models").json()["data"]
     assert len(card.pop("fingerprint")) == 32
     assert card | {"source": None} == {
-        "id": server.engine.name, "object": "model", "source": None, "architecture": "Qwen2ForSequenceClassification",
+        "id": server.name, "object": "model", "kind": "reward_model", "source": None,
+        "architecture": "Qwen2ForSequenceClassification",
         "num_labels": 1, "labels": ["LABEL_0"], "max_length": 64, "dtype": "float32", "devices": ["cpu"],
         "backend": "packed", "attention": "C++ kernel" if attention_kernel_builds() else "SDPA",
     }
@@ -139,7 +139,7 @@ def test_models_health_ready_metrics_docs(server, client, ckpt):
                  "rewardserve_batch_tokens_bucket", "rewardserve_queue_depth", "rewardserve_tokens_total",
                  "rewardserve_errors_total"):
         assert name in text, name
-    assert server.metric("rewardserve_tokens_total", model=server.engine.name) > 0
+    assert server.metric("rewardserve_tokens_total", model=server.name) > 0
     assert client.get("/docs").status_code == 200
     spec = client.get("/openapi.json").json()
     assert "/v1/score" in spec["paths"] and "413" in spec["paths"]["/v1/score"]["post"]["responses"]
@@ -147,7 +147,7 @@ def test_models_health_ready_metrics_docs(server, client, ckpt):
 
 def test_server_not_ready_while_loading_and_503_when_load_fails(tmp_path):
     (tmp_path / "config.json").write_text('{"model_type": "llama", "architectures": ["LlamaForCausalLM"]}')
-    with serve(Settings(model=str(tmp_path)), wait_ready=False) as s, s.client() as c:
+    with serve(*quick(model=str(tmp_path)), wait_ready=False) as s, s.client() as c:
         for _ in range(200):
             r = c.get("/readyz")
             if r.json().get("error", {}).get("type") == "load_failed":

@@ -11,7 +11,7 @@ import pytest
 from rewardserve.cache.keys import KeyMaker, decode_scores, encode_scores, model_fingerprint
 from rewardserve.cache.lru import LRU
 from rewardserve.cache.redis_tier import CLOSED, HALF_OPEN, OPEN, Breaker
-from rewardserve.config import Settings
+from rewardserve.config import RegistryConfig, ServerSettings, quick
 from tests.redis_helper import RedisProcess, SlowProxy
 from tests.server import serve
 
@@ -30,9 +30,9 @@ def ckpt(tiny_ckpt):
     return tiny_ckpt("llama")
 
 
-def _settings(ckpt, redis_url, **kw) -> Settings:
+def _settings(ckpt, redis_url, **kw) -> tuple[ServerSettings, RegistryConfig]:
     base = dict(model=str(ckpt), redis_url=redis_url, lru_items=0, max_wait_ms=1, cache_timeout_ms=200)
-    return Settings(**(base | kw))
+    return quick(**(base | kw))
 
 
 def _score(client, items=ITEMS, **kw):
@@ -109,7 +109,7 @@ def test_breaker_opens_after_failures_and_probes_once_after_cooldown():
 # --- end to end through HTTP and redis-server ---------------------------------------------------
 
 def test_second_scoring_is_served_from_redis_with_identical_rewards(ckpt, redis_proc):
-    with serve(_settings(ckpt, redis_proc.url, cache_ttl=600)) as s, s.client() as c:
+    with serve(*_settings(ckpt, redis_proc.url, cache_ttl=600)) as s, s.client() as c:
         first = _score(c)
         assert not any(it["cached"] for it in first["items"])
         _wait_for(lambda: len(redis_proc.client().keys("rs:*")) == len(ITEMS))
@@ -118,10 +118,10 @@ def test_second_scoring_is_served_from_redis_with_identical_rewards(ckpt, redis_
         second = _score(c)
         assert all(it["cached"] for it in second["items"])
         assert second["rewards"] == first["rewards"]
-        assert s.metric("rewardserve_cache_hits_total", model=s.engine.name, tier="redis") == len(ITEMS)
+        assert s.metric("rewardserve_cache_hits_total", model=s.name, tier="redis") == len(ITEMS)
         bypass = _score(c, cache=False)
         assert not any(it["cached"] for it in bypass["items"]) and bypass["rewards"] == first["rewards"]
-        assert s.metric("rewardserve_cache_hits_total", model=s.engine.name, tier="redis") == len(ITEMS)
+        assert s.metric("rewardserve_cache_hits_total", model=s.name, tier="redis") == len(ITEMS)
 
 
 def _wait_for(condition, timeout: float = 5.0) -> None:
@@ -137,25 +137,25 @@ def _written(redis_proc, n: int):
 
 
 def test_lru_tier_serves_repeats_in_process(ckpt):
-    with serve(Settings(model=str(ckpt), lru_items=100, max_wait_ms=1)) as s, s.client() as c:
+    with serve(*quick(model=str(ckpt), lru_items=100, max_wait_ms=1)) as s, s.client() as c:
         first = _score(c)
         second = _score(c)
         assert all(it["cached"] for it in second["items"]) and second["rewards"] == first["rewards"]
-        assert s.metric("rewardserve_cache_hits_total", model=s.engine.name, tier="lru") == len(ITEMS)
+        assert s.metric("rewardserve_cache_hits_total", model=s.name, tier="lru") == len(ITEMS)
 
 
 def test_another_model_or_dtype_never_reads_these_entries(tiny_ckpt, redis_proc):
     a, b = tiny_ckpt("llama", seed=0), tiny_ckpt("llama", seed=1)  # same tokenizer, other weights
-    with serve(_settings(a, redis_proc.url)) as s, s.client() as c:
+    with serve(*_settings(a, redis_proc.url)) as s, s.client() as c:
         rewards_a = _score(c)["rewards"]
         _wait_for(_written(redis_proc, len(ITEMS)))
     for settings in (_settings(b, redis_proc.url), _settings(a, redis_proc.url, dtype="bfloat16")):
-        with serve(settings) as s, s.client() as c:
+        with serve(*settings) as s, s.client() as c:
             other = _score(c)
             assert not any(it["cached"] for it in other["items"])
             assert other["rewards"] != rewards_a
     # the CPU attention kernel and torch's SDPA agree to ~1e-6, not bit for bit: separate entries too
-    with serve(_settings(a, redis_proc.url, cpu_attention_kernel=False)) as s, s.client() as c:
+    with serve(*_settings(a, redis_proc.url, cpu_attention_kernel=False)) as s, s.client() as c:
         other = _score(c)
         assert not any(it["cached"] for it in other["items"])
         assert max(abs(x - y) for x, y in zip(other["rewards"], rewards_a)) <= 1e-4
@@ -163,7 +163,7 @@ def test_another_model_or_dtype_never_reads_these_entries(tiny_ckpt, redis_proc)
 
 
 def test_garbage_in_redis_is_a_miss_and_gets_overwritten(ckpt, redis_proc):
-    with serve(_settings(ckpt, redis_proc.url)) as s, s.client() as c:
+    with serve(*_settings(ckpt, redis_proc.url)) as s, s.client() as c:
         first = _score(c)
         _wait_for(_written(redis_proc, len(ITEMS)))
         r = redis_proc.client()
@@ -177,7 +177,7 @@ def test_garbage_in_redis_is_a_miss_and_gets_overwritten(ckpt, redis_proc):
 
 def test_killing_redis_mid_stream_fails_no_request_and_restart_brings_hits_back(ckpt, redis_proc):
     settings = _settings(ckpt, redis_proc.url, cache_breaker_failures=2, cache_breaker_cooldown_s=0.3)
-    with serve(settings) as s, s.client() as c:
+    with serve(*settings) as s, s.client() as c:
         statuses = []
         for i in range(40):
             if i == 15:
@@ -185,7 +185,7 @@ def test_killing_redis_mid_stream_fails_no_request_and_restart_brings_hits_back(
             r = c.post("/v1/score", json={"items": [ITEMS[i % 6], {"text": f"stream item {i % 10}"}]})
             statuses.append(r.status_code)
         assert statuses == [200] * 40
-        name = s.engine.name
+        name = s.name
         assert s.metric("rewardserve_cache_errors_total", model=name, kind="ConnectionError") + \
             s.metric("rewardserve_cache_errors_total", model=name, kind="timeout") >= 2
         assert s.metric("rewardserve_cache_breaker_state", model=name) == OPEN
@@ -201,33 +201,33 @@ def test_killing_redis_mid_stream_fails_no_request_and_restart_brings_hits_back(
 def test_slow_redis_costs_at_most_the_timeout(ckpt, redis_proc):
     with SlowProxy(redis_proc.port, delay=2.0) as proxy:
         url = f"redis://127.0.0.1:{proxy.port}/0"
-        with serve(_settings(ckpt, url, cache_timeout_ms=50, cache_breaker_failures=1000)) as s, s.client() as c:
+        with serve(*_settings(ckpt, url, cache_timeout_ms=50, cache_breaker_failures=1000)) as s, s.client() as c:
             for _ in range(3):
                 start = time.perf_counter()
                 body = _score(c)
                 # far below the proxy's 2 s: the lookup gave up at its 50 ms deadline
                 assert time.perf_counter() - start < 1.5
                 assert not any(it["cached"] for it in body["items"])
-            assert s.metric("rewardserve_cache_errors_total", model=s.engine.name, kind="timeout") >= 3
+            assert s.metric("rewardserve_cache_errors_total", model=s.name, kind="timeout") >= 3
 
 
 def test_password_protected_redis_and_wrong_password_fails_open(ckpt):
     proc = RedisProcess(password="s3cret").start()
     try:
-        with serve(_settings(ckpt, proc.url, redis_password="s3cret")) as s, s.client() as c:
+        with serve(*_settings(ckpt, proc.url, redis_password="s3cret")) as s, s.client() as c:
             _score(c)
             _wait_for(lambda: len(proc.client().keys("rs:*")) >= len(ITEMS))
             assert all(it["cached"] for it in _score(c)["items"])
-        with serve(_settings(ckpt, proc.url, redis_password="wrong")) as s, s.client() as c:
+        with serve(*_settings(ckpt, proc.url, redis_password="wrong")) as s, s.client() as c:
             assert not any(it["cached"] for it in _score(c)["items"])
-            assert s.metric("rewardserve_cache_errors_total", model=s.engine.name, kind="AuthenticationError") >= 1
+            assert s.metric("rewardserve_cache_errors_total", model=s.name, kind="AuthenticationError") >= 1
     finally:
         proc.kill()
 
 
 def test_identical_items_in_flight_are_computed_once(ckpt, redis_proc):
-    with serve(_settings(ckpt, redis_proc.url, max_wait_ms=300)) as s:
-        name = s.engine.name
+    with serve(*_settings(ckpt, redis_proc.url, max_wait_ms=300)) as s:
+        name = s.name
         item = {"text": "the same item, asked for twice at once"}
 
         async def both():

@@ -9,13 +9,14 @@ import httpx
 import pytest
 import torch
 
-from rewardserve.config import Settings
-from rewardserve.engine.batcher import Batcher
+from rewardserve.config import quick
+from rewardserve.engine.batcher import Batcher, Budgets
 from rewardserve.engine.types import Lane, Ticket
-from rewardserve.engine.workers import WorkerPool
+from rewardserve.engine.workers import Devices, ModelWorkers
 from rewardserve.errors import BackendError, Overloaded, RequestTooLarge
-from rewardserve.models.loading import load_model
+from rewardserve.models.units import lone
 from rewardserve.monitoring.metrics import Metrics
+from tests.helpers import load
 from tests.server import serve
 
 
@@ -25,13 +26,13 @@ def ckpt(tiny_ckpt):
 
 
 def _batches(server) -> tuple[float, float]:
-    name = server.engine.name
+    name = server.name
     return (server.metric("rewardserve_batch_items_count", model=name),
             server.metric("rewardserve_batch_items_sum", model=name))
 
 
 def test_two_concurrent_requests_share_one_batch(ckpt):
-    with serve(Settings(model=str(ckpt), max_wait_ms=300)) as s:
+    with serve(*quick(model=str(ckpt), max_wait_ms=300)) as s:
         before = _batches(s)
 
         async def both():
@@ -47,7 +48,7 @@ def test_two_concurrent_requests_share_one_batch(ckpt):
 
 def test_items_of_one_request_ride_in_several_batches_with_unchanged_scores(ckpt):
     items = [{"text": f"item number {i} " * (i + 1)} for i in range(5)]
-    with serve(Settings(model=str(ckpt), max_wait_ms=1, max_batch_items=2)) as s, s.client() as c:
+    with serve(*quick(model=str(ckpt), max_wait_ms=1, max_batch_items=2)) as s, s.client() as c:
         before = _batches(s)
         split = c.post("/v1/score", json={"items": items, "cache": False}).json()["rewards"]
         after = _batches(s)
@@ -57,7 +58,7 @@ def test_items_of_one_request_ride_in_several_batches_with_unchanged_scores(ckpt
 
 
 def test_token_budget_closes_a_batch(ckpt):
-    with serve(Settings(model=str(ckpt), max_wait_ms=200, max_batch_tokens=64, max_length=64)) as s, s.client() as c:
+    with serve(*quick(model=str(ckpt), max_wait_ms=200, max_batch_tokens=64, max_length=64)) as s, s.client() as c:
         before = _batches(s)
         r = c.post("/v1/score", json={"items": [{"input_ids": [5] * 40}, {"input_ids": [6] * 40}]})
         assert r.status_code == 200
@@ -65,7 +66,7 @@ def test_token_budget_closes_a_batch(ckpt):
 
 
 def test_overload_gets_429_with_retry_after_and_nothing_is_lost(ckpt):
-    with serve(Settings(model=str(ckpt), max_wait_ms=1500, max_queued_tokens=40, max_length=40)) as s:
+    with serve(*quick(model=str(ckpt), max_wait_ms=1500, max_queued_tokens=40, max_length=40)) as s:
         results = {}
 
         def first():
@@ -74,7 +75,7 @@ def test_overload_gets_429_with_retry_after_and_nothing_is_lost(ckpt):
 
         t = threading.Thread(target=first)
         t.start()
-        while s.metric("rewardserve_queued_tokens", model=s.engine.name) < 30:
+        while s.metric("rewardserve_queued_tokens", model=s.name) < 30:
             pass
         with s.client() as c:
             r = c.post("/v1/score", json={"items": [{"input_ids": [6] * 30}]})
@@ -85,12 +86,12 @@ def test_overload_gets_429_with_retry_after_and_nothing_is_lost(ckpt):
             assert big.status_code == 413 and big.json()["error"]["type"] == "request_too_large"
         t.join()
         assert results["a"].status_code == 200  # the admitted request is served
-        assert s.metric("rewardserve_rejected_requests_total", model=s.engine.name) == 1
+        assert s.metric("rewardserve_rejected_requests_total", model=s.name) == 1
 
 
 def test_requests_whose_client_left_are_dropped_before_compute(ckpt):
-    with serve(Settings(model=str(ckpt), max_wait_ms=2000)) as s:
-        name = s.engine.name
+    with serve(*quick(model=str(ckpt), max_wait_ms=2000)) as s:
+        name = s.name
         tokens_before = s.metric("rewardserve_tokens_total", model=name)
         with s.client(timeout=0.3) as c, pytest.raises(httpx.ReadTimeout):
             c.post("/v1/score", json={"items": [{"text": f"nobody will read this {i}"} for i in range(3)]})
@@ -103,7 +104,7 @@ def test_requests_whose_client_left_are_dropped_before_compute(ckpt):
 
 
 def test_healthz_answers_while_a_batch_runs(ckpt):
-    with serve(Settings(model=str(ckpt), max_wait_ms=1, max_batch_tokens=65536, max_batch_items=256)) as s:
+    with serve(*quick(model=str(ckpt), max_wait_ms=1, max_batch_tokens=65536, max_batch_items=256)) as s:
         done = threading.Event()
         health_during = []
 
@@ -130,19 +131,27 @@ def _futures(items):
 
 @pytest.fixture(scope="module")
 def loaded(ckpt):
-    return load_model(Settings(model=str(ckpt), warmup=False))
+    return load(ckpt)
+
+
+def _budgets(max_tokens=16384, max_items=256, max_wait_ms=2.0, max_queued=1_000_000) -> Budgets:
+    return Budgets(max_tokens, max_items, max_wait_ms / 1000, max_queued)
+
+
+def _pool(backends, metrics) -> ModelWorkers:
+    return ModelWorkers(backends, Devices(), metrics, "m")
 
 
 def test_interactive_lane_goes_before_bulk(loaded):
     async def run():
         metrics = Metrics()
-        pool = WorkerPool(loaded.backends, metrics, "m")
-        batcher = Batcher(Settings(max_batch_items=2, max_wait_ms=0), pool, metrics, "m")
+        pool = _pool(loaded.backends, metrics)
+        batcher = Batcher(_budgets(max_items=2, max_wait_ms=0), pool, metrics, "m")
         held = await pool.acquire()  # the device is busy: both lanes fill up
         batcher.start()
         order = []
-        bulk = _futures(batcher.submit([[5, 6], [7, 8]], Lane.bulk, Ticket()))
-        inter = _futures(batcher.submit([[9, 10], [11, 12]], Lane.interactive, Ticket()))
+        bulk = _futures(batcher.submit(lone([[5, 6], [7, 8]], None), Lane.bulk, Ticket()))
+        inter = _futures(batcher.submit(lone([[9, 10], [11, 12]], None), Lane.interactive, Ticket()))
         for tag, futs in (("bulk", bulk), ("interactive", inter)):
             for f in futs:
                 f.add_done_callback(lambda _, tag=tag: order.append(tag))
@@ -161,7 +170,7 @@ class _PoisonedBackend:
         self.inner, self.device = inner, inner.device
 
     def score(self, batch):
-        if any(13 in ids for ids in batch):
+        if any(13 in ids for unit in batch for ids in unit.suffixes):
             raise RuntimeError("CUDA error: an illegal memory access was encountered")
         return self.inner.score(batch)
 
@@ -169,12 +178,12 @@ class _PoisonedBackend:
 def test_a_failed_batch_fails_only_its_own_items(loaded):
     async def run():
         metrics = Metrics()
-        pool = WorkerPool([_PoisonedBackend(loaded.backends[0])], metrics, "m")
-        batcher = Batcher(Settings(max_batch_items=1, max_wait_ms=0), pool, metrics, "m")
+        pool = _pool([_PoisonedBackend(loaded.backends[0])], metrics)
+        batcher = Batcher(_budgets(max_items=1, max_wait_ms=0), pool, metrics, "m")
         batcher.start()
-        ok = _futures(batcher.submit([[5, 6]], Lane.interactive, Ticket()))
-        bad = _futures(batcher.submit([[13]], Lane.bulk, Ticket()))
-        later = _futures(batcher.submit([[7, 8]], Lane.bulk, Ticket()))
+        ok = _futures(batcher.submit(lone([[5, 6]], None), Lane.interactive, Ticket()))
+        bad = _futures(batcher.submit(lone([[13]], None), Lane.bulk, Ticket()))
+        later = _futures(batcher.submit(lone([[7, 8]], None), Lane.bulk, Ticket()))
         res = await asyncio.gather(*ok, *bad, *later, return_exceptions=True)
         await batcher.stop()
         return res
@@ -185,35 +194,35 @@ def test_a_failed_batch_fails_only_its_own_items(loaded):
 
 
 def test_non_finite_scores_are_errors_not_numbers(tiny_ckpt):
-    loaded = load_model(Settings(model=str(tiny_ckpt("llama", seed=3)), warmup=False))
+    loaded = load(tiny_ckpt("llama", seed=3))
     with torch.no_grad():
         loaded.backends[0].model.embed.weight[13] = float("nan")  # the packed model's embedding table
 
     async def run():
         metrics = Metrics()
-        pool = WorkerPool(loaded.backends, metrics, "m")
-        batcher = Batcher(Settings(max_wait_ms=50), pool, metrics, "m")
+        pool = _pool(loaded.backends, metrics)
+        batcher = Batcher(_budgets(max_wait_ms=50), pool, metrics, "m")
         batcher.start()
-        futs = _futures(batcher.submit([[5, 6], [5, 13, 6], [7]], Lane.interactive, Ticket()))
+        futs = _futures(batcher.submit(lone([[5, 6], [5, 13, 6], [7]], None), Lane.interactive, Ticket()))
         res = await asyncio.gather(*futs, return_exceptions=True)
         await batcher.stop()
         return res
 
     a, b, c = asyncio.run(run())
     assert isinstance(b, BackendError) and "non-finite" in b.message
-    assert all(map(lambda v: v == v, a + c))  # the neighbours in the same batch are unaffected
+    assert all(v == v for row in a + c for v in row)  # the neighbours in the same batch are unaffected
 
 
 def test_admission_rejects_whole_requests(loaded):
     async def run():
         metrics = Metrics()
-        pool = WorkerPool(loaded.backends, metrics, "m")
-        batcher = Batcher(Settings(max_queued_tokens=10, max_batch_items=1, max_batch_tokens=10), pool, metrics, "m")
+        pool = _pool(loaded.backends, metrics)
+        batcher = Batcher(_budgets(max_queued=10, max_items=1, max_tokens=10), pool, metrics, "m")
         with pytest.raises(RequestTooLarge):
-            batcher.submit([[1] * 6, [1] * 6], Lane.bulk, Ticket())
-        batcher.submit([[1] * 6], Lane.bulk, Ticket())
+            batcher.submit(lone([[1] * 6, [1] * 6], None), Lane.bulk, Ticket())
+        batcher.submit(lone([[1] * 6], None), Lane.bulk, Ticket())
         with pytest.raises(Overloaded) as err:
-            batcher.submit([[1] * 5], Lane.bulk, Ticket())
+            batcher.submit(lone([[1] * 5], None), Lane.bulk, Ticket())
         assert err.value.retry_after >= 1 and batcher.queued_tokens == 6
 
     asyncio.run(run())

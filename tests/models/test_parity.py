@@ -11,12 +11,12 @@ import pytest
 import torch
 from transformers import AutoModelForSequenceClassification, LlamaConfig
 
-from rewardserve.config import Settings
 from rewardserve.models import packed
-from rewardserve.models.loading import choose_backend, load_model
+from rewardserve.models.loading import choose_backend
 from rewardserve.models.packed import Ops
 from tests.conftest import KERNEL_TOOL, attention_kernel_builds, require_tool
 from tests.factories import ARCHS, MAX_POSITIONS
+from tests.helpers import load, score_ids
 
 TOL = 1e-4
 
@@ -42,21 +42,20 @@ CASES = [(a, b) for a in ARCHS for b in (("packed", "hf") if a in PACKED_ARCHS e
 @pytest.mark.parametrize("padding_side", ["right", "left"])
 def test_batched_scores_equal_hf_alone(tiny_ckpt, arch, backend, pad_token, padding_side):
     path = tiny_ckpt(arch, pad_token=pad_token, padding_side=padding_side)
-    loaded = load_model(Settings(model=str(path), warmup=False, backend=backend))
+    loaded = load(path, backend=backend)
     assert loaded.backend == backend
-    backend = loaded.backends[0]
     hf = AutoModelForSequenceClassification.from_pretrained(path).eval()
     pad_id = hf.config.pad_token_id
     seqs = _random_seqs(loaded.encoder.vocab_size, LENGTHS, seed=len(arch), avoid={pad_id} if pad_id is not None else set())
     ref = _hf_alone(hf, seqs)
     assert ref.std() > 1e-3, "rewards should vary between inputs for this test to mean anything"
 
-    mixed = backend.score(seqs).scores
+    mixed = score_ids(loaded, seqs).scores
     assert (mixed - ref).abs().max().item() <= TOL
 
     # batch invariance: the same item in other company (reversed, a subset, alone) gets the same reward
-    rev = backend.score(seqs[::-1]).scores.flip(0)
-    sub = backend.score(seqs[3:7]).scores
+    rev = score_ids(loaded, seqs[::-1]).scores.flip(0)
+    sub = score_ids(loaded, seqs[3:7]).scores
     assert (rev - mixed).abs().max().item() <= 1e-5
     assert (sub - mixed[3:7]).abs().max().item() <= 1e-5
 
@@ -77,22 +76,21 @@ def test_cpu_token_chunks_match_hf_wherever_the_chunks_cut(tiny_ckpt, arch, oned
         require_tool(attention_kernel_builds(), KERNEL_TOOL)
     path = tiny_ckpt(arch)
     with caplog.at_level(logging.INFO, logger="rewardserve.models.loading"):
-        loaded = load_model(Settings(model=str(path), warmup=False, backend="packed",
-                                     cpu_attention_kernel=attention == "kernel"))
+        loaded = load(path, backend="packed", attention_kernel=attention == "kernel")
     assert ("attention: C++ kernel" if attention == "kernel" else "attention: SDPA") in caplog.text
     backend = loaded.backends[0]
     assert backend.model.ops.onednn is onednn and backend.model.ops.chunk_tokens == 64
     assert (backend.model.ops.attention_kernel is not None) is (attention == "kernel")
     hf = AutoModelForSequenceClassification.from_pretrained(path).eval()
     seqs = _random_seqs(loaded.encoder.vocab_size, LENGTHS, seed=7, avoid={hf.config.pad_token_id})
-    mixed = backend.score(seqs).scores
+    mixed = score_ids(loaded, seqs).scores
     assert (mixed - _hf_alone(hf, seqs)).abs().max().item() <= TOL
-    shifted = backend.score(_random_seqs(loaded.encoder.vocab_size, [37], 8, {hf.config.pad_token_id}) + seqs)
+    shifted = score_ids(loaded, _random_seqs(loaded.encoder.vocab_size, [37], 8, {hf.config.pad_token_id}) + seqs)
     assert (shifted.scores[1:] - mixed).abs().max().item() <= 1e-5
 
 
 def test_cpu_path_packs_projection_weights_once_and_releases_the_originals(tiny_ckpt):
-    model = load_model(Settings(model=str(tiny_ckpt("qwen2")), warmup=False, backend="packed")).backends[0].model
+    model = load(tiny_ckpt("qwen2"), backend="packed").backends[0].model
     block = model.blocks[0]
     assert {name: w.is_mkldnn for name, (w, _) in block.gemm.items()} == dict.fromkeys(
         ("qkv", "o", "gate", "up", "down"), True)
@@ -106,35 +104,33 @@ def test_cpu_path_packs_projection_weights_once_and_releases_the_originals(tiny_
 def test_trailing_pad_tokens_pool_where_hf_pools(tiny_ckpt, arch, backend):
     """An item that itself ends in pad ids is pooled at its last non-pad token, as HF does alone."""
     path = tiny_ckpt(arch, pad_token=True)
-    loaded = load_model(Settings(model=str(path), warmup=False, backend=backend))
+    loaded = load(path, backend=backend)
     hf = AutoModelForSequenceClassification.from_pretrained(path).eval()
     pad = hf.config.pad_token_id
     seqs = [[5, 6, 7, pad, pad], [8, 9, 10, 11, 12, 13, 14], [pad, 20, 21]]
     ref = _hf_alone(hf, seqs)
-    ours = loaded.backends[0].score(seqs).scores
+    ours = score_ids(loaded, seqs).scores
     assert (ours - ref).abs().max().item() <= TOL
 
 
 @pytest.mark.parametrize("arch", ["qwen3", "gemma2"])
 def test_multi_head_models_return_every_head(tiny_ckpt, arch):
     path = tiny_ckpt(arch, num_labels=3)
-    loaded = load_model(Settings(model=str(path), warmup=False))
+    loaded = load(path)
     assert loaded.backend == ("packed" if arch == "qwen3" else "hf")
     hf = AutoModelForSequenceClassification.from_pretrained(path).eval()
     seqs = _random_seqs(loaded.encoder.vocab_size, [3, 40, 90], seed=1, avoid={hf.config.pad_token_id})
-    ours = loaded.backends[0].score(seqs).scores
+    ours = score_ids(loaded, seqs).scores
     assert ours.shape == (3, 3)
     assert (ours - _hf_alone(hf, seqs)).abs().max().item() <= TOL
 
 
 def test_small_batch_token_budget_splits_into_micro_batches_without_changing_scores(tiny_ckpt):
     path = tiny_ckpt("mistral")
-    loaded = load_model(Settings(model=str(path), warmup=False, max_batch_tokens=320, max_batch_items=8,
-                                 backend="hf"))
-    backend = loaded.backends[0]
+    loaded = load(path, max_batch_tokens=320, backend="hf")
     hf = AutoModelForSequenceClassification.from_pretrained(path).eval()
     seqs = _random_seqs(loaded.encoder.vocab_size, [300, 10, 200, 50, 299, 3], seed=2, avoid={hf.config.pad_token_id})
-    out = backend.score(seqs)
+    out = score_ids(loaded, seqs)
     assert out.computed_positions <= sum(300 for _ in seqs)  # sorted micro-batches, never one 6x300 block
     assert (out.scores - _hf_alone(hf, seqs)).abs().max().item() <= TOL
 
@@ -154,12 +150,12 @@ def test_packed_path_follows_rope_scaling(tiny_ckpt, rope):
     """Up to the longest item served: the encoder caps items at max_position_embeddings, which is
     also where HF's dynamic scaling would start to rescale."""
     path = tiny_ckpt("llama", rope_parameters=ROPES[rope])
-    loaded = load_model(Settings(model=str(path), warmup=False, backend="packed"))
+    loaded = load(path, backend="packed")
     assert loaded.max_length == MAX_POSITIONS
     hf = AutoModelForSequenceClassification.from_pretrained(path).eval()
     seqs = _random_seqs(loaded.encoder.vocab_size, [5, 90, 300, 511, MAX_POSITIONS], seed=4,
                         avoid={hf.config.pad_token_id})
-    assert (loaded.backends[0].score(seqs).scores - _hf_alone(hf, seqs)).abs().max().item() <= TOL
+    assert (score_ids(loaded, seqs).scores - _hf_alone(hf, seqs)).abs().max().item() <= TOL
 
 
 def test_a_rope_type_the_fast_path_lacks_falls_back_to_hf_with_the_reason():
@@ -172,7 +168,41 @@ def test_a_rope_type_the_fast_path_lacks_falls_back_to_hf_with_the_reason():
 
 
 def test_auto_backend_picks_packed_for_llama_family_and_hf_otherwise(tiny_ckpt):
-    assert load_model(Settings(model=str(tiny_ckpt("qwen2")), warmup=False)).backend == "packed"
-    assert load_model(Settings(model=str(tiny_ckpt("gpt2")), warmup=False)).backend == "hf"
+    assert load(tiny_ckpt("qwen2")).backend == "packed"
+    assert load(tiny_ckpt("gpt2")).backend == "hf"
     with pytest.raises(ValueError, match="cannot serve"):
-        load_model(Settings(model=str(tiny_ckpt("gemma2")), warmup=False, backend="packed"))
+        load(tiny_ckpt("gemma2"), backend="packed")
+
+
+@pytest.mark.parametrize("arch,backend", CASES)
+def test_through_the_scorer_seam_rewards_equal_hf_alone(tiny_ckpt, arch, backend):
+    """The same contract end to end below HTTP: items -> scorer -> scheduler (groups, single-flight,
+    cache) -> batcher -> device, for every architecture and backend."""
+    import asyncio
+
+    from rewardserve.api.schemas import Item
+    from rewardserve.config import quick
+    from rewardserve.engine.registry import Registry
+    from rewardserve.monitoring.metrics import Metrics
+    from rewardserve.scorers.base import Call
+
+    path = tiny_ckpt(arch)
+    hf = AutoModelForSequenceClassification.from_pretrained(path).eval()
+    pad = hf.config.pad_token_id
+    prompt = _random_seqs(hf.config.vocab_size, [40], seed=9, avoid={pad})[0]
+    tails = _random_seqs(hf.config.vocab_size, [1, 9, 60, 3], seed=10, avoid={pad})
+    seqs = [prompt + t for t in tails] + _random_seqs(hf.config.vocab_size, [70, 2], seed=11, avoid={pad})
+    seqs.append(seqs[1])  # a duplicate within the request
+
+    async def run():
+        settings, registry = quick(model=str(path), backend=backend, warmup=False, monitoring=False, max_wait_ms=1)
+        reg = Registry(settings, registry, Metrics())
+        await reg.start()
+        try:
+            items = [Item(input_ids=s) for s in seqs]
+            return [r.reward for r in await reg.get(None).score(items, Call(groups=[[0, 1, 2, 3]]))]
+        finally:
+            await reg.stop()
+
+    ours = torch.tensor(asyncio.run(run()))
+    assert (ours - _hf_alone(hf, seqs)[:, 0]).abs().max().item() <= TOL

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from rewardserve.config import Settings
+from rewardserve.config import quick
 from tests.server import serve
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -229,9 +229,9 @@ def test_promtool_accepts_rules_and_config():
 # -- every metric named in deploy/ is exported by a running service ----------------------------------------
 @pytest.fixture(scope="module")
 def metrics_text(tiny_ckpt) -> str:
-    settings = Settings(model=str(tiny_ckpt("llama")), drift_reference_size=10, drift_window=10,
-                        monitor_interval_s=0.2, reward_clip_low=-1.0, reward_clip_high=1.0)
-    with serve(settings) as srv, srv.client() as c:
+    settings = quick(model=str(tiny_ckpt("llama")), drift_reference_size=10, drift_window=10,
+                     monitor_interval_s=0.2, reward_clip_low=-1.0, reward_clip_high=1.0)
+    with serve(*settings) as srv, srv.client() as c:
         score_traffic(c)
         assert c.get("/admin/drift").status_code == 200  # a fresh monitor refresh: gauges published
         deadline = time.monotonic() + 10

@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 
-from rewardserve.config import Settings
+from rewardserve.config import ServerSettings, quick
 from rewardserve.monitoring import drift
 from rewardserve.monitoring.metrics import Metrics
 from rewardserve.monitoring.monitor import RewardMonitor
@@ -29,10 +29,10 @@ def test_statistics_separate_same_from_shifted_distributions():
     assert edges[0] < 1.0 and edges[-1] > 3.0 and edges == sorted(edges)
 
 
-def _monitor(**kw) -> tuple[RewardMonitor, Metrics]:
+def _monitor(default: bool = True, **kw) -> tuple[RewardMonitor, Metrics]:
     metrics = Metrics()
-    settings = Settings(drift_window=200, drift_reference_size=200, **kw)
-    return RewardMonitor(settings, metrics, "m", ["LABEL_0"], drift.fitted_buckets([0.0, 1.0])), metrics
+    settings = ServerSettings(drift_window=200, drift_reference_size=200, **kw)
+    return RewardMonitor(settings, metrics, "m", ["LABEL_0"], drift.fitted_buckets([0.0, 1.0]), default), metrics
 
 
 def _gauge(metrics, name, **labels):
@@ -105,21 +105,29 @@ def test_reference_from_file(tmp_path):
     bad.write_text("[1.0]")
     with pytest.raises(ValueError, match="at least 2"):
         _monitor(drift_reference_file=str(bad))
+    # a registry serves several entries: a flat file is the default entry's; {"models": ...} names entries
+    assert _monitor(False, drift_reference_file=str(ref))[0].reference is None
+    named = tmp_path / "named.json"
+    named.write_text(json.dumps({"models": {"m": {"LABEL_0": [1.0, 2.0, 3.0]}, "other": [9.0, 9.5]}}))
+    for default in (True, False):
+        assert _monitor(default, drift_reference_file=str(named))[0].reference.tolist() == [[1.0], [2.0], [3.0]]
+    named.write_text(json.dumps({"models": {"other": [9.0, 9.5]}}))
+    assert _monitor(True, drift_reference_file=str(named))[0].reference is None
 
 
 def test_admin_drift_endpoints(tiny_ckpt):
-    settings = Settings(model=str(tiny_ckpt("llama")), drift_window=20, drift_reference_size=20, max_wait_ms=1,
-                        monitor_interval_s=0.2)
-    with serve(settings) as s, s.client() as c:
+    settings = quick(model=str(tiny_ckpt("llama")), drift_window=20, drift_reference_size=20, max_wait_ms=1,
+                     monitor_interval_s=0.2)
+    with serve(*settings) as s, s.client() as c:
         assert c.post("/admin/drift/reference").status_code == 422  # nothing observed yet
         c.post("/v1/score", json={"items": [{"text": f"item {i} " * (1 + i % 7)} for i in range(30)]})
-        report = c.get("/admin/drift").json()["models"][s.engine.name]
+        report = c.get("/admin/drift").json()["models"][s.name]
         head = report["heads"]["LABEL_0"]
         assert head["reference_n"] == 20 and head["current_n"] == 20
         assert {"psi", "ks", "mean_shift", "length_correlation", "quantiles", "histogram"} <= set(head)
         r = c.post("/admin/drift/reference")
         assert r.status_code == 200 and r.json()["reference_n"] == 20
-        frozen = c.get("/admin/drift").json()["models"][s.engine.name]["heads"]["LABEL_0"]
+        frozen = c.get("/admin/drift").json()["models"][s.name]["heads"]["LABEL_0"]
         assert frozen["ks"] == 0.0  # reference == current right after freezing
         text = c.get("/metrics").text
         assert 'rewardserve_reward_bucket{' in text and "rewardserve_drift_psi{" in text
@@ -127,7 +135,7 @@ def test_admin_drift_endpoints(tiny_ckpt):
 
 
 def test_monitoring_can_be_turned_off(tiny_ckpt):
-    with serve(Settings(model=str(tiny_ckpt("llama")), monitoring=False, max_wait_ms=1)) as s, s.client() as c:
+    with serve(*quick(model=str(tiny_ckpt("llama")), monitoring=False, max_wait_ms=1)) as s, s.client() as c:
         assert c.post("/v1/score", json={"items": [{"text": "x"}]}).status_code == 200
         r = c.get("/admin/drift")
         assert r.status_code == 404 and r.json()["error"]["type"] == "monitoring_off"

@@ -20,7 +20,7 @@ import httpx
 import pytest
 import yaml
 
-from rewardserve.config import Settings
+from rewardserve.config import quick
 from tests.conftest import require_tool
 from tests.monitoring.test_deploy import RULES, dashboard_exprs, load_dashboard, score_traffic
 from tests.server import serve
@@ -193,10 +193,10 @@ def test_prometheus_scrapes_the_service_evaluates_the_rules_and_answers_the_dash
     # (the breaker opens and stays open: the breaker alert)
     reference = tmp_path / "reference.json"
     reference.write_text(json.dumps([100.0 + 0.1 * i for i in range(20)]))
-    settings = Settings(model=str(tiny_ckpt("llama")), drift_window=10, drift_reference_file=str(reference),
-                        monitor_interval_s=0.2, redis_url=f"redis://127.0.0.1:{_free_port()}/0",
-                        cache_breaker_failures=1, cache_breaker_cooldown_s=3600, reward_clip_low=-1.0,
-                        reward_clip_high=1.0)
+    settings = quick(model=str(tiny_ckpt("llama")), drift_window=10, drift_reference_file=str(reference),
+                     monitor_interval_s=0.2, redis_url=f"redis://127.0.0.1:{_free_port()}/0",
+                     cache_breaker_failures=1, cache_breaker_cooldown_s=3600, reward_clip_low=-1.0,
+                     reward_clip_high=1.0)
     rules = yaml.safe_load(RULES.read_text())
     for group in rules["groups"]:
         for rule in group["rules"]:
@@ -206,7 +206,7 @@ def test_prometheus_scrapes_the_service_evaluates_the_rules_and_answers_the_dash
     fast_rules.write_text(yaml.safe_dump(rules))
     alert_names = {r["alert"] for g in rules["groups"] for r in g["rules"] if "alert" in r}
 
-    with serve(settings) as server, server.client() as client:
+    with serve(*settings) as server, server.client() as client:
         target = server.url.removeprefix("http://")
         proc, prom = _start_prometheus(tmp_path, target, fast_rules)
         try:
@@ -268,7 +268,7 @@ def test_prometheus_scrapes_the_service_evaluates_the_rules_and_answers_the_dash
             quiet = {a["labels"]["alertname"] for a in alerts} & {"RewardserveDown", "RewardserveErrorRateHigh"}
             assert not quiet, alerts
             psi_alert = next(a for a in alerts if a["labels"]["alertname"] == "RewardserveRewardDriftPSI")
-            assert psi_alert["labels"]["model"] == server.engine.name and psi_alert["labels"]["severity"] == "warning"
+            assert psi_alert["labels"]["model"] == server.name and psi_alert["labels"]["severity"] == "warning"
             assert "drifted" in psi_alert["annotations"]["summary"]
         finally:
             proc.terminate()

@@ -1,0 +1,121 @@
+"""The scorer seam: one small protocol for every kind of scorer a registry entry can name.
+
+A route hands a scorer the request's items and a `Call` (the request's options) and gets one
+`Result` per item, in order. Scorers backed by a model on a device (`ModelScorer`) implement two
+methods: `prepare` turns items into what the model computes (token ids and the positions whose
+head outputs are read), and `finish` turns an item's output rows into its result; the engine's
+scheduler does cache, single-flight, grouping and dispatch for all of them. Scorers built on other
+scorers (ensembles) call those.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import time
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Sequence
+
+from rewardserve.cache.tiered import Rows
+from rewardserve.engine.scheduler import ModelRunner, Seq
+from rewardserve.engine.types import Lane, Ticket
+from rewardserve.models.loading import LoadedModel
+from rewardserve.models.tokenize import ItemLike
+from rewardserve.monitoring.metrics import Metrics
+from rewardserve.monitoring.monitor import RewardMonitor
+
+# Requests with fewer items are tokenised on the event loop: a thread hop costs more than encoding them.
+_INLINE_TOKENIZE_ITEMS = 8
+
+
+@dataclass(slots=True)
+class Call:
+    """One request's options, as every scorer sees them."""
+
+    lane: Lane = Lane.interactive
+    ticket: Ticket = field(default_factory=Ticket)
+    use_cache: bool = True
+    truncation: str | None = None  # None: the entry's default
+    heads: dict[str, float] | None = None  # None: the entry's default
+    groups: Sequence[Sequence[int]] = ()  # indices of items that share a prompt
+
+
+@dataclass(slots=True)
+class Result:
+    reward: float
+    tokens: int
+    truncated: bool = False
+    cached: bool = False
+    scores: dict[str, float] | None = None  # every head by name, for models with several
+    members: dict[str, float] | None = None  # ensembles: each member's reward
+    disagreement: float | None = None  # ensembles: population std of the aggregated member rewards
+
+    def fields(self) -> dict[str, Any]:
+        """The fields that apply to this result (None ones left out): what a response item carries."""
+        return {f.name: v for f in dataclasses.fields(self) if (v := getattr(self, f.name)) is not None}
+
+
+class Scorer(ABC):
+    kind: ClassVar[str]
+    name: str
+    labels: list[str]  # what its reward monitor tracks, one series per label
+    monitor: RewardMonitor | None = None
+
+    @abstractmethod
+    async def score(self, items: Sequence[ItemLike], call: Call) -> list[Result]:
+        """One result per item, in order; errors carry the position of the item at fault."""
+
+    @abstractmethod
+    def card(self) -> dict[str, Any]:
+        """What /v1/models says about this entry."""
+
+    async def warmup(self) -> list[float]:
+        """Run once before traffic; returns sample rewards (they fit the reward histogram)."""
+        return []
+
+
+@dataclass(slots=True)
+class Prepared(Seq):
+    truncated: bool = False
+
+
+class ModelScorer(Scorer):
+    """A scorer whose items run on a loaded model through the scheduler."""
+
+    def __init__(self, model: LoadedModel, runner: ModelRunner, metrics: Metrics, truncation: str):
+        self.model = model
+        self.name = model.name
+        self.runner = runner
+        self.metrics = metrics
+        self.truncation = truncation
+
+    @abstractmethod
+    def prepare(self, items: Sequence[ItemLike], truncation: str) -> list[Prepared]:
+        """Items -> what the model computes (runs in a thread for large requests)."""
+
+    @abstractmethod
+    def finish(self, prepared: Prepared, rows: Rows, cached: bool, call: Call) -> Result:
+        """One item's output rows -> its result."""
+
+    def check(self, call: Call) -> None:
+        """Reject options this scorer cannot honour, before any work."""
+
+    async def score(self, items: Sequence[ItemLike], call: Call) -> list[Result]:
+        self.check(call)
+        prepared = await self._prepare(items, call.truncation or self.truncation)
+        runs = await self.runner.run(prepared, lane=call.lane, ticket=call.ticket, use_cache=call.use_cache,
+                                     groups=call.groups)
+        results = [self.finish(p, rows, cached, call) for p, (rows, cached) in zip(prepared, runs)]
+        if self.monitor is not None:
+            self.monitor.observe([rows[0] for rows, _ in runs], [len(p.ids) for p in prepared], call.groups)
+        return results
+
+    async def _prepare(self, items: Sequence[ItemLike], truncation: str) -> list[Prepared]:
+        start = time.perf_counter()
+        if len(items) < _INLINE_TOKENIZE_ITEMS:
+            out = self.prepare(items, truncation)
+        else:
+            out = await asyncio.to_thread(self.prepare, items, truncation)
+        self.metrics.tokenize_duration.labels(self.name).observe(time.perf_counter() - start)
+        return out
