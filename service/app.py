@@ -15,6 +15,7 @@ from fastapi import FastAPI
 
 from rewardserve import __version__
 from rewardserve.api import admin, errors, health, rank, score
+from rewardserve.api.compat import openrlhf, slime, tei, vllm
 from rewardserve.config import RegistryConfig, ServerSettings, quick
 from rewardserve.engine.registry import Registry
 from rewardserve.monitoring.metrics import Metrics
@@ -79,7 +80,8 @@ def create_app(settings: ServerSettings | None = None, registry: RegistryConfig 
     app.state.metrics = metrics
     app.state.registry = scorers
     errors.install(app)
-    routers = (score.router, rank.router, health.router, admin.router)
+    routers = (score.router, rank.router, health.router, admin.router, openrlhf.router, vllm.router, slime.router,
+               tei.router)
     for router in routers:
         app.include_router(router)
     paths = {r.path for router in routers for r in router.routes}

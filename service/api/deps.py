@@ -37,16 +37,20 @@ def pick(request: Request, registry: Registry, name: str | None) -> Scorer:
     return scorer
 
 
-async def score_items(request: Request, registry: Registry, opts, items: Sequence[ItemLike], locate: Locate,
-                      groups: Sequence[Sequence[int]] = ()) -> tuple[Scorer, list[Result]]:
-    """Score items with the scorer `opts.model` names, under the request's options; an error about one
+def call_of(opts, groups: Sequence[Sequence[int]] = ()) -> Call:
+    """The scorer's view of a native request's options."""
+    return Call(lane=Lane[opts.priority], use_cache=opts.cache, truncation=opts.truncation, heads=opts.heads,
+                groups=groups)
+
+
+async def score_items(request: Request, registry: Registry, model: str | None, items: Sequence[ItemLike],
+                      locate: Locate, call: Call) -> tuple[Scorer, list[Result]]:
+    """Score items with the scorer `model` names (the default entry for None); an error about one
     item names it by `locate`."""
-    scorer = pick(request, registry, opts.model)
+    scorer = pick(request, registry, model)
     limit = registry.settings.max_items_per_request
     if len(items) > limit:
         raise RequestTooLarge(f"request expands to {len(items)} items, more than max_items_per_request ({limit})")
-    call = Call(lane=Lane[opts.priority], use_cache=opts.cache, truncation=opts.truncation, heads=opts.heads,
-                groups=groups)
     try:
         return scorer, await unless_disconnected(request, scorer.score(items, call))
     except ServiceError as exc:

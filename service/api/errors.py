@@ -1,12 +1,15 @@
-"""Every error leaves the service as `{"error": {"type", "message", "index"?, "field"?}}`."""
+"""Every error leaves the service as `{"error": {"type", "message", "index"?, "field"?}}`, or in the
+shape a peer-compatible route speaks (`api/compat/`), which renders the same description."""
 
 from __future__ import annotations
 
 import logging
+from typing import Callable
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from rewardserve.api.deps import ClientGone
@@ -57,18 +60,51 @@ def validation_body(exc: RequestValidationError) -> tuple[int, dict]:
     return 422, {"error": body}
 
 
+def describe(request: Request, exc: Exception) -> tuple[int, dict, dict | None] | None:
+    """(status, the error's fields, headers) for a typed error or a validation error, counted in the
+    error metrics; None for anything else."""
+    if isinstance(exc, ServiceError):
+        status, body = exc.status, exc.body()
+    elif isinstance(exc, RequestValidationError):
+        status, body = validation_body(exc)
+    else:
+        return None
+    _count(request, body["error"]["type"])
+    headers = {"Retry-After": str(exc.retry_after)} if isinstance(exc, Overloaded) else None
+    return status, body["error"], headers
+
+
+# (request, status, the native error's fields) -> (status, body) in a peer's own shape
+Render = Callable[[Request, int, dict], tuple[int, dict]]
+
+
+def route_class(render: Render) -> type[APIRoute]:
+    """The route class of a router whose errors leave in a peer's shape (validation errors included:
+    FastAPI raises them inside the route handler)."""
+
+    class PeerRoute(APIRoute):
+        def get_route_handler(self):
+            handler = super().get_route_handler()
+
+            async def handle(request: Request):
+                try:
+                    return await handler(request)
+                except (ServiceError, RequestValidationError) as exc:
+                    status, err, headers = describe(request, exc)
+                    status, body = render(request, status, err)
+                    return JSONResponse(body, status_code=status, headers=headers)
+
+            return handle
+
+    return PeerRoute
+
+
 def install(app: FastAPI) -> None:
     @app.exception_handler(ServiceError)
-    async def _service_error(request: Request, exc: ServiceError) -> JSONResponse:
-        headers = {"Retry-After": str(exc.retry_after)} if isinstance(exc, Overloaded) else None
-        _count(request, exc.type)
-        return JSONResponse(exc.body(), status_code=exc.status, headers=headers)
-
     @app.exception_handler(RequestValidationError)
-    async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-        status, body = validation_body(exc)
-        _count(request, body["error"]["type"])
-        return JSONResponse(body, status_code=status)
+    async def _typed(request: Request, exc: Exception) -> JSONResponse:
+        status, err, headers = describe(request, exc)
+        return JSONResponse({"error": err}, status_code=status, headers=headers)
 
     @app.exception_handler(ClientGone)
     async def _client_gone(request: Request, exc: ClientGone) -> JSONResponse:

@@ -6,9 +6,9 @@ import math
 
 from fastapi import APIRouter, Request
 
-from rewardserve.api.deps import RegistryDep, score_items
+from rewardserve.api.deps import RegistryDep, call_of, score_items
 from rewardserve.api.schemas import (
-    ERROR_RESPONSES, BestOfNRequest, BestOfNResponse, CompareRequest, CompareResponse, Comparison, Item, Usage,
+    ERROR_RESPONSES, BestOfNRequest, BestOfNResponse, CompareRequest, CompareResponse, Comparison, Usage, item,
 )
 from rewardserve.errors import RequestTooLarge
 
@@ -22,15 +22,12 @@ async def best_of_n(body: BestOfNRequest, request: Request, registry: RegistryDe
     if len(body.candidates) > limit:
         raise RequestTooLarge(f"candidates holds {len(body.candidates)} responses, more than max_candidates ({limit})")
     if body.prompt is not None:
-        items = [Item.model_construct(prompt=body.prompt, response=c, messages=None, text=None, input_ids=None,
-                                      add_special_tokens=None, group=None) for c in body.candidates]
+        items = [item(prompt=body.prompt, response=c) for c in body.candidates]
     else:
         chat = [m.model_dump() for m in body.messages]
-        items = [Item.model_construct(prompt=None, response=None, text=None, input_ids=None, add_special_tokens=None,
-                                      group=None, messages=chat + [{"role": "assistant", "content": c}])
-                 for c in body.candidates]
-    scorer, scored = await score_items(request, registry, body, items, lambda i, part: (i, f"candidates[{i}]"),
-                                       [list(range(len(items)))])
+        items = [item(messages=chat + [{"role": "assistant", "content": c}]) for c in body.candidates]
+    scorer, scored = await score_items(request, registry, body.model, items, lambda i, part: (i, f"candidates[{i}]"),
+                                       call_of(body, [list(range(len(items)))]))
     rewards = [s.reward for s in scored]
     ranking = sorted(range(len(rewards)), key=lambda i: (-rewards[i], i))  # ties: the earlier candidate first
     margin = rewards[ranking[0]] - rewards[ranking[1]] if len(ranking) > 1 else None
@@ -49,13 +46,12 @@ async def compare(body: CompareRequest, request: Request, registry: RegistryDep)
     items, groups = [], []
     for p in pairs:
         groups.append([len(items), len(items) + 1])
-        items += [Item.model_construct(prompt=p.prompt, response=r, messages=None, text=None, input_ids=None,
-                                       add_special_tokens=None, group=None) for r in (p.a, p.b)]
+        items += [item(prompt=p.prompt, response=r) for r in (p.a, p.b)]
     def locate(i: int, part: str | None) -> tuple[int | None, str]:
         side = "ab"[i % 2]
         return (i // 2, f"pairs[{i // 2}].{side}") if body.pairs is not None else (None, side)
 
-    scorer, scored = await score_items(request, registry, body, items, locate, groups)
+    scorer, scored = await score_items(request, registry, body.model, items, locate, call_of(body, groups))
     results = []
     for k, p in enumerate(pairs):
         ra, rb = scored[2 * k].reward, scored[2 * k + 1].reward

@@ -6,7 +6,7 @@ import time
 
 from fastapi import APIRouter, Request, Response
 
-from rewardserve.api.deps import RegistryDep, item_field, score_items
+from rewardserve.api.deps import RegistryDep, call_of, item_field, score_items
 from rewardserve.api.schemas import ERROR_RESPONSES, Item, ItemResult, ScoreRequest, ScoreResponse, Usage
 
 router = APIRouter(tags=["scoring"])
@@ -33,8 +33,8 @@ async def score(body: ScoreRequest, request: Request, response: Response, regist
     """Score items with a registry entry: a reward model (its output at each item's last token) or an
     ensemble (its members' rewards aggregated)."""
     start = time.perf_counter()
-    scorer, results = await score_items(request, registry, body, body.items, item_field("items"),
-                                        detect_groups(body.items))
+    scorer, results = await score_items(request, registry, body.model, body.items, item_field("items"),
+                                        call_of(body, detect_groups(body.items)))
     items = [ItemResult(**r.fields()) for r in results]
     response.headers["x-total-time"] = f"{(time.perf_counter() - start) * 1000:.3f}"
     return ScoreResponse(model=scorer.name, rewards=[r.reward for r in results], items=items,

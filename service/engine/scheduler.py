@@ -20,7 +20,7 @@ from rewardserve.cache.tiered import ModelCache, Rows
 from rewardserve.engine.batcher import Batcher
 from rewardserve.engine.grouping import share_prefix
 from rewardserve.engine.singleflight import Inflight
-from rewardserve.engine.types import Lane, Ticket, WorkItem
+from rewardserve.engine.types import Lane, Ticket, Timing, WorkItem
 from rewardserve.errors import bug
 from rewardserve.models.units import Unit
 from rewardserve.monitoring.metrics import Metrics
@@ -47,7 +47,7 @@ class ModelRunner:
         self.inflight = Inflight()
 
     async def run(self, seqs: Sequence[Seq], *, lane: Lane, ticket: Ticket, use_cache: bool = True,
-                  groups: Sequence[Sequence[int]] = ()) -> list[tuple[Rows, bool]]:
+                  groups: Sequence[Sequence[int]] = (), timing: Timing | None = None) -> list[tuple[Rows, bool]]:
         """(rows, cached) per sequence. Raises typed errors (429 overload, 503 backend).
 
         `groups` lists indices of sequences that share a prompt: their common token prefix is
@@ -84,7 +84,11 @@ class ModelRunner:
                 item.future.add_done_callback(functools.partial(
                     self._settle, [keys[i] for i in members] if cache else [], [len(seqs[i].pools) for i in members],
                     item))
-        await self._wait(list({id(w[0]): w[0] for w in waits if w is not None}.values()), ticket)
+        units_waited = list({id(w[0]): w[0] for w in waits if w is not None}.values())
+        await self._wait(units_waited, ticket)
+        if timing is not None and units_waited:
+            timing.queue = max(timing.queue, max(u.started - u.enqueued for u in units_waited))
+            timing.inference = max(timing.inference, max(u.finished - u.started for u in units_waited))
         out: list[tuple[Rows, bool] | None] = [None] * len(seqs)
         for i, s in enumerate(seqs):
             if found[i] is not None:

@@ -27,6 +27,16 @@ class Ticket:
         self.cancelled = True
 
 
+@dataclass(slots=True)
+class Timing:
+    """Where one request's time went (seconds), for the timing headers: its slowest unit's wait and
+    batch, and its tokenisation."""
+
+    tokenize: float = 0.0
+    queue: float = 0.0
+    inference: float = 0.0
+
+
 @dataclass(eq=False, slots=True)
 class WorkItem:
     work: Unit  # its future holds the unit's output rows, in order
@@ -34,6 +44,8 @@ class WorkItem:
     tickets: list[Ticket]  # every request waiting for this item (single-flight adds to it)
     future: asyncio.Future
     enqueued: float = field(default_factory=time.perf_counter)
+    started: float = 0.0  # when its batch started on a device
+    finished: float = 0.0  # when its batch came back
 
     @property
     def tokens(self) -> int:

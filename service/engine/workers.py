@@ -119,6 +119,8 @@ class ModelWorkers:
         loop = asyncio.get_running_loop()
         backend = self.backends[worker.device]
         start = time.perf_counter()
+        for it in batch:
+            it.started = start
         try:
             out = await loop.run_in_executor(worker.executor, backend.score, [it.work for it in batch])
         except Exception as exc:  # one failed batch fails its own items only
@@ -130,7 +132,10 @@ class ModelWorkers:
             return
         finally:
             self.release(worker)
-        elapsed = time.perf_counter() - start
+        finished = time.perf_counter()
+        elapsed = finished - start
+        for it in batch:
+            it.finished = finished
         self._publish(worker.device, batch, out, elapsed)
         rows = out.scores.tolist()
         start = 0

@@ -60,9 +60,9 @@ class ItemEncoder:
 
     def _text_of(self, item: ItemLike, index: int) -> tuple[str, bool]:
         """(text, add_special_tokens) for a text-bearing item."""
-        if item.messages is not None:
+        if item.messages is not None:  # the template owns BOS unless the item asks for special tokens too
             msgs = [m if isinstance(m, dict) else m.model_dump(exclude_none=True) for m in item.messages]
-            return self.render_chat(msgs, index), False
+            return self.render_chat(msgs, index), bool(item.add_special_tokens)
         if item.prompt is not None:
             if self.has_template:
                 msgs = [{"role": "user", "content": item.prompt}, {"role": "assistant", "content": item.response}]
@@ -72,8 +72,9 @@ class ItemEncoder:
         return item.text, add
 
     # -- encoding ----------------------------------------------------------------------------
-    def encode(self, items: Sequence[ItemLike], truncation: str) -> list[Encoded]:
-        """Encode a whole request; texts sharing a special-token setting go through one batch call."""
+    def encode(self, items: Sequence[ItemLike], truncation: str, limit: int | None = None) -> list[Encoded]:
+        """Encode a whole request; texts sharing a special-token setting go through one batch call.
+        `limit` cuts items to fewer tokens than max_length (a peer's truncate-to-k option)."""
         raw: list[list[int] | None] = [None] * len(items)
         groups: dict[bool, tuple[list[int], list[str]]] = {True: ([], []), False: ([], [])}
         for i, item in enumerate(items):
@@ -89,7 +90,8 @@ class ItemEncoder:
             enc = self.tokenizer(texts, add_special_tokens=add, return_attention_mask=False)["input_ids"]
             for i, ids in zip(idx, enc):
                 raw[i] = self._dedupe_bos(ids)
-        return [self._fit(ids, i, truncation) for i, ids in enumerate(raw)]
+        limit = self.max_length if limit is None else min(limit, self.max_length)
+        return [self._fit(ids, i, truncation, limit) for i, ids in enumerate(raw)]
 
     def _check_ids(self, ids: list[int], index: int) -> list[int]:
         for j, t in enumerate(ids):
@@ -105,11 +107,10 @@ class ItemEncoder:
             return ids[1:]
         return ids
 
-    def _fit(self, ids: list[int], index: int, truncation: str) -> Encoded:
+    def _fit(self, ids: list[int], index: int, truncation: str, limit: int) -> Encoded:
         n = len(ids)
         if n == 0:
             raise InvalidInput("item encodes to zero tokens", index=index)
-        limit = self.max_length
         if n <= limit:
             return Encoded(ids, False, n)
         if truncation == "error":

@@ -19,7 +19,7 @@ from typing import Any, ClassVar, Sequence
 
 from rewardserve.cache.tiered import Rows
 from rewardserve.engine.scheduler import ModelRunner, Seq
-from rewardserve.engine.types import Lane, Ticket
+from rewardserve.engine.types import Lane, Ticket, Timing
 from rewardserve.models.loading import LoadedModel
 from rewardserve.models.tokenize import ItemLike
 from rewardserve.monitoring.metrics import Metrics
@@ -39,6 +39,8 @@ class Call:
     truncation: str | None = None  # None: the entry's default
     heads: dict[str, float] | None = None  # None: the entry's default
     groups: Sequence[Sequence[int]] = ()  # indices of items that share a prompt
+    max_tokens: int | None = None  # cut items to this many tokens (a peer's truncate-to-k); None: max_length
+    timing: Timing | None = None  # filled in when the route reports where the time went
 
 
 @dataclass(slots=True)
@@ -91,8 +93,9 @@ class ModelScorer(Scorer):
         self.truncation = truncation
 
     @abstractmethod
-    def prepare(self, items: Sequence[ItemLike], truncation: str) -> list[Prepared]:
-        """Items -> what the model computes (runs in a thread for large requests)."""
+    def prepare(self, items: Sequence[ItemLike], truncation: str, limit: int | None) -> list[Prepared]:
+        """Items -> what the model computes, cut to `limit` tokens when given (runs in a thread for
+        large requests)."""
 
     @abstractmethod
     def finish(self, prepared: Prepared, rows: Rows, cached: bool, call: Call) -> Result:
@@ -103,19 +106,20 @@ class ModelScorer(Scorer):
 
     async def score(self, items: Sequence[ItemLike], call: Call) -> list[Result]:
         self.check(call)
-        prepared = await self._prepare(items, call.truncation or self.truncation)
+        prepared = await self._prepare(items, call)
         runs = await self.runner.run(prepared, lane=call.lane, ticket=call.ticket, use_cache=call.use_cache,
-                                     groups=call.groups)
+                                     groups=call.groups, timing=call.timing)
         results = [self.finish(p, rows, cached, call) for p, (rows, cached) in zip(prepared, runs)]
         if self.monitor is not None:
             self.monitor.observe([rows[0] for rows, _ in runs], [len(p.ids) for p in prepared], call.groups)
         return results
 
-    async def _prepare(self, items: Sequence[ItemLike], truncation: str) -> list[Prepared]:
+    async def _prepare(self, items: Sequence[ItemLike], call: Call) -> list[Prepared]:
         start = time.perf_counter()
-        if len(items) < _INLINE_TOKENIZE_ITEMS:
-            out = self.prepare(items, truncation)
-        else:
-            out = await asyncio.to_thread(self.prepare, items, truncation)
-        self.metrics.tokenize_duration.labels(self.name).observe(time.perf_counter() - start)
+        args = (items, call.truncation or self.truncation, call.max_tokens)
+        out = self.prepare(*args) if len(items) < _INLINE_TOKENIZE_ITEMS else await asyncio.to_thread(self.prepare, *args)
+        elapsed = time.perf_counter() - start
+        self.metrics.tokenize_duration.labels(self.name).observe(elapsed)
+        if call.timing is not None:
+            call.timing.tokenize = max(call.timing.tokenize, elapsed)
         return out

@@ -36,10 +36,10 @@ class RewardModelScorer(ModelScorer):
             raise InvalidInput(f"heads: {unknown} are not heads of {self.name}; its heads are {self.labels}",
                                field="heads")
 
-    def prepare(self, items: Sequence[ItemLike], truncation: str) -> list[Prepared]:
+    def prepare(self, items: Sequence[ItemLike], truncation: str, limit: int | None) -> list[Prepared]:
         pad = self.model.pad_token_id
         return [Prepared(e.ids, (last_token_index(e.ids, pad),), e.truncated)
-                for e in self.model.encoder.encode(items, truncation)]
+                for e in self.model.encoder.encode(items, truncation, limit)]
 
     def finish(self, prepared: Prepared, rows: Rows, cached: bool, call: Call) -> Result:
         [scores] = rows

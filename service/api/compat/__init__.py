@@ -1,0 +1,44 @@
+"""Peer-compatible endpoints, one file per peer: each translates the peer's request onto the same
+scorers (exact scores, cross-request batching, cache, monitoring, registry entries) and answers in
+the peer's shapes, defaults and error conventions.
+
+    openrlhf.py  POST /get_reward                    (OpenRLHF --reward.remote_url)
+    vllm.py      POST /classify, /pooling, /score, /rerank, /v1/rerank   (verl's reward loop)
+    slime.py     POST /v1/reward                      (slime --rm-type remote_rm --rm-url)
+    tei.py       POST /predict                        (text-embeddings-inference)
+
+Peers whose requests cannot name a model take the registry entry from `?model=NAME` (default: the
+default entry). Here: what they share.
+"""
+
+from __future__ import annotations
+
+import math
+import uuid
+
+from rewardserve.scorers.base import Result, Scorer
+
+
+def sigmoid(x: float) -> float:
+    return 1 / (1 + math.exp(-x)) if x >= 0 else math.exp(x) / (1 + math.exp(x))
+
+
+def activated(values: list[float]) -> list[float]:
+    """What classifier servers apply by default: sigmoid for one output, softmax for several."""
+    if len(values) == 1:
+        return [sigmoid(values[0])]
+    top = max(values)
+    exps = [math.exp(v - top) for v in values]
+    total = sum(exps)
+    return [e / total for e in exps]
+
+
+def outputs(scorer: Scorer, result: Result) -> tuple[list[str], list[float]]:
+    """(labels, values) of one result: every head of a multi-head model, else the reward alone."""
+    if result.scores is not None:
+        return list(result.scores), list(result.scores.values())
+    return scorer.labels[:1], [result.reward]
+
+
+def request_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex}"
