@@ -51,11 +51,13 @@ class RedisProcess:
 
 
 class SlowProxy:
-    """Forwards TCP to a target, holding every chunk back `delay` seconds (a slow network or Redis)."""
+    """Forwards TCP to a target, holding every chunk back `delay` seconds (a slow network or Redis).
+    `drops` is how many of the next client chunks (requests) are swallowed, their connection cut."""
 
-    def __init__(self, target_port: int, delay: float):
+    def __init__(self, target_port: int, delay: float = 0.0):
         self.target_port = target_port
         self.delay = delay
+        self.drops = 0
         self.port = free_port()
         self._loop = asyncio.new_event_loop()
         self._ready = threading.Event()
@@ -82,9 +84,13 @@ class SlowProxy:
     def _run(self) -> None:
         asyncio.set_event_loop(self._loop)
 
-        async def pipe(reader, writer):
+        async def pipe(reader, writer, upstream: bool):
             try:
                 while data := await reader.read(65536):
+                    if upstream and self.drops > 0:  # a request that never arrives: the connection drops
+                        self.drops -= 1
+                        client_writer_of[writer].transport.abort()
+                        return
                     await asyncio.sleep(self.delay)
                     writer.write(data)
                     await writer.drain()
@@ -93,10 +99,13 @@ class SlowProxy:
             finally:
                 writer.close()
 
+        client_writer_of = {}
+
         async def handle(client_reader, client_writer):
             up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
-            asyncio.ensure_future(pipe(client_reader, up_writer))
-            asyncio.ensure_future(pipe(up_reader, client_writer))
+            client_writer_of[up_writer] = client_writer
+            asyncio.ensure_future(pipe(client_reader, up_writer, True))
+            asyncio.ensure_future(pipe(up_reader, client_writer, False))
 
         async def main():
             self._server = await asyncio.start_server(handle, "127.0.0.1", self.port)

@@ -42,13 +42,14 @@ class RunningServer:
 
 @contextlib.contextmanager
 def serve(settings: ServerSettings, registry: RegistryConfig, wait_ready: bool = True,
-          ready_timeout: float = 120) -> Iterator[RunningServer]:
+          ready_timeout: float = 120, wrap=None) -> Iterator[RunningServer]:
+    """The app under uvicorn; `wrap(app)` puts an ASGI middleware of the test's in front of it."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
     app = create_app(settings, registry)
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
+    server = uvicorn.Server(uvicorn.Config(wrap(app) if wrap else app, log_level="warning", lifespan="on"))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     url = f"http://127.0.0.1:{port}"
