@@ -165,7 +165,8 @@ async def classify(body: ClassifyRequest, request: Request, registry: RegistryDe
 async def pooling(body: PoolingRequest, request: Request, registry: RegistryDep) -> dict:
     """vLLM's /pooling with task classify (the only task of a reward model)."""
     scorer, results = await _classify(request, registry, body)
-    data = [{"index": i, "object": "pooling", "data": _probs(body, outputs(scorer, r)[1])} for i, r in enumerate(results)]
+    data = [{"index": i, "object": "pooling", "data": _probs(body, outputs(scorer, r)[1])}
+            for i, r in enumerate(results)]
     return _listing("pooling", body, scorer, data, results)
 
 
