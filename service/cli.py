@@ -61,11 +61,14 @@ def cmd_serve(args: argparse.Namespace) -> None:
     import uvicorn
 
     from rewardserve.app import create_app
+    from rewardserve.drain import DrainingServer
 
     settings, registry = settings_from_args(args)
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    uvicorn.run(create_app(settings, registry), host=settings.host, port=settings.port, log_level=settings.log_level,
-                timeout_graceful_shutdown=10)
+    app = create_app(settings, registry)
+    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
+                            timeout_graceful_shutdown=10)
+    DrainingServer(config, app.state, settings.drain_timeout_s).run()
 
 
 def cmd_score(args: argparse.Namespace) -> None:

@@ -45,6 +45,36 @@ class ServerSettings(BaseSettings):
     max_items_per_request: int = Field(4096, ge=1, description="Largest items list one request may carry (413).")
     max_candidates: int = Field(256, ge=1, description="Most candidates one best-of-N request may rank (413).")
 
+    # --- limits before work: what one request may cost (each exceeded one is a typed 4xx) -----------
+    max_body_bytes: int = Field(16 << 20, ge=1024, description="Largest request body (413 before it is parsed, "
+                                                                "with or without Content-Length).")
+    max_json_depth: int = Field(32, ge=4, le=1000, description="Deepest nesting of arrays and objects in a body.")
+    max_text_chars: int = Field(1_000_000, ge=1, description="Longest string in a body, in characters, checked "
+                                                             "before tokenisation (413).")
+    max_request_tokens: int = Field(2_000_000, ge=1, description="Most tokens one request may hold after "
+                                                                 "tokenisation, over its items and models (413).")
+    max_request_timeout_s: float = Field(600.0, gt=0, description="Cap of a request's own deadline (its `timeout` "
+                                                                  "field or X-Request-Timeout header).")
+    request_timeout_s: float | None = Field(None, gt=0, description="Deadline of requests that set none (504 when "
+                                                                    "it passes; default: none).")
+
+    # --- who may call ----------------------------------------------------------------------------
+    api_keys_file: str | None = Field(None, description="API keys, one per line ('key' or 'name:key', optionally "
+                                                        "':requests_per_s=R,tokens_per_s=T'); reloaded when it "
+                                                        "changes. Off: no authentication.")
+    public_paths: str = Field("/healthz,/readyz,/metrics", description="Comma-separated paths served without a "
+                                                                       "key when keys are on.")
+    quota_requests_per_s: float | None = Field(None, gt=0, description="Per-key request rate (429 beyond it); a "
+                                                                       "key's own quota wins.")
+    quota_tokens_per_s: float | None = Field(None, gt=0, description="Per-key token rate (429 beyond it); a key's "
+                                                                     "own quota wins.")
+
+    # --- faults and shutdown --------------------------------------------------------------------
+    batch_timeout_s: float = Field(300.0, gt=0, description="A batch running longer fails (503) and its device's "
+                                                            "worker thread is replaced.")
+    drain_timeout_s: float = Field(30.0, ge=0, description="On SIGTERM: how long in-flight and queued requests "
+                                                           "may take to finish while new ones get 503.")
+
     # --- CPU tuning (process-wide) ---------------------------------------------------------------
     cpu_threads: int | None = Field(None, ge=1, description="torch threads for CPU inference (default: all cores).")
     cpu_attention_kernel: bool = Field(

@@ -80,9 +80,36 @@ class BackendError(ServiceError):
     type = "backend_error"
 
 
+class QuotaExceeded(Overloaded):
+    """This caller's own rate (its API key's quota), not the server's queue."""
+
+    type = "quota_exceeded"
+
+
 class NotReady(ServiceError):
     status = 503
     type = "not_ready"
+
+
+class Draining(NotReady):
+    """The server is shutting down: it finishes what it has, and takes nothing new."""
+
+    type = "draining"
+
+
+class DeadlineExceeded(ServiceError):
+    status = 504
+    type = "deadline_exceeded"
+
+
+class Unauthorized(ServiceError):
+    status = 401
+    type = "unauthorized"
+
+
+class Forbidden(ServiceError):
+    status = 403
+    type = "forbidden"
 
 
 def bug(message: str) -> AssertionError:

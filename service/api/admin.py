@@ -5,6 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter
 
 from rewardserve.api.deps import RegistryDep
+from rewardserve.api.limits import Route
 from rewardserve.errors import InvalidInput, ServiceError
 from rewardserve.monitoring.monitor import RewardMonitor
 
@@ -21,7 +22,7 @@ def _monitors(registry) -> dict[str, RewardMonitor]:
     return {name: s.monitor for name, s in registry.scorers.items()}
 
 
-router = APIRouter(prefix="/admin", tags=["operations"])
+router = APIRouter(prefix="/admin", tags=["operations"], route_class=Route)
 
 
 @router.get("/drift")

@@ -4,13 +4,14 @@ options, its client's presence and its own field names for errors."""
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Annotated, Callable, Sequence
 
 from fastapi import Depends, Request
 
 from rewardserve.engine.registry import Registry
-from rewardserve.engine.types import Lane
-from rewardserve.errors import RequestTooLarge, ServiceError
+from rewardserve.engine.types import Lane, Meter
+from rewardserve.errors import DeadlineExceeded, Draining, InvalidInput, RequestTooLarge, ServiceError
 from rewardserve.models.tokenize import ItemLike
 from rewardserve.scorers.base import Call, Result, Scorer
 
@@ -31,7 +32,10 @@ def item_field(name: str) -> Locate:
 
 
 def pick(request: Request, registry: Registry, name: str | None) -> Scorer:
-    """The scorer a request names; its name labels the request's metrics."""
+    """The scorer a request names; its name labels the request's metrics. A request that arrived after
+    the server began to drain is refused (those that arrived before are finished)."""
+    if request.scope.get("state", {}).get("arrived_draining"):
+        raise Draining("the server is shutting down; send this request to another replica")
     scorer = registry.get(name)
     request.state.model = scorer.name
     return scorer
@@ -43,21 +47,52 @@ def call_of(opts, groups: Sequence[Sequence[int]] = ()) -> Call:
                 groups=groups)
 
 
+def timeout_of(request: Request, settings, asked: float | None) -> tuple[float | None, str]:
+    """(seconds, where they came from): the body's `timeout`, else the X-Request-Timeout header, else
+    the server's request_timeout_s; capped at max_request_timeout_s."""
+    source = "the request's timeout field"
+    if asked is None and "x-request-timeout" in request.headers:
+        source = "the X-Request-Timeout header"
+        try:
+            asked = float(request.headers["x-request-timeout"])
+        except ValueError:
+            asked = -1.0
+        if not 0 < asked < float("inf"):
+            raise InvalidInput(f"X-Request-Timeout must be a positive number of seconds, not "
+                               f"{request.headers['x-request-timeout']!r}", field="X-Request-Timeout")
+    if asked is None:
+        asked, source = settings.request_timeout_s, "the server's request_timeout_s"
+    if asked is not None and asked > settings.max_request_timeout_s:
+        asked, source = settings.max_request_timeout_s, "max_request_timeout_s"
+    return asked, source
+
+
 async def score_items(request: Request, registry: Registry, model: str | None, items: Sequence[ItemLike],
-                      locate: Locate, call: Call) -> tuple[Scorer, list[Result]]:
-    """Score items with the scorer `model` names (the default entry for None); an error about one
+                      locate: Locate, call: Call, timeout: float | None = None) -> tuple[Scorer, list[Result]]:
+    """Score items with the scorer `model` names (the default entry for None), within the request's
+    deadline (`timeout`: the body's own), its token limit and its caller's quota; an error about one
     item names it by `locate`."""
     scorer = pick(request, registry, model)
-    limit = registry.settings.max_items_per_request
+    settings = registry.settings
+    limit = settings.max_items_per_request
     if len(items) > limit:
         raise RequestTooLarge(f"request expands to {len(items)} items, more than max_items_per_request ({limit})")
+    seconds, source = timeout_of(request, settings, timeout)
+    if seconds is not None:
+        call.ticket.deadline = time.monotonic() + seconds
+    tenant = request.scope.get("state", {}).get("tenant")
+    call.meter = Meter(settings.max_request_tokens, tenant.charge_tokens if tenant is not None else None)
     try:
-        return scorer, await unless_disconnected(request, scorer.score(items, call))
+        results = await unless_disconnected(request, scorer.score(items, call), seconds)
+    except asyncio.TimeoutError:
+        raise DeadlineExceeded(f"the request's deadline of {seconds:g} s (from {source}) passed; what it still had "
+                               "queued was dropped") from None
     except ServiceError as exc:
         if exc.index is None or exc.field is not None:
             raise
         index, field = locate(exc.index, exc.part)
         raise exc.located(index, field) from None
+    return scorer, results
 
 
 async def until_disconnected(request: Request) -> None:
@@ -68,12 +103,13 @@ async def until_disconnected(request: Request) -> None:
             return
 
 
-async def unless_disconnected(request: Request, work):
-    """Await `work`, cancelling it (and so dropping its queued items) if the client disconnects first."""
+async def unless_disconnected(request: Request, work, timeout: float | None = None):
+    """Await `work`, cancelling it (and so dropping its queued items) if the client disconnects first
+    (ClientGone) or `timeout` seconds pass (asyncio.TimeoutError)."""
     task = asyncio.ensure_future(work)
     watch = asyncio.ensure_future(until_disconnected(request))
     try:
-        await asyncio.wait({task, watch}, return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.wait({task, watch}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
     finally:
         watch.cancel()
     if not task.done():
@@ -82,7 +118,9 @@ async def unless_disconnected(request: Request, work):
             await task
         except asyncio.CancelledError:
             pass
-        raise ClientGone()
+        if watch.done() and not watch.cancelled():
+            raise ClientGone()
+        raise asyncio.TimeoutError()
     return task.result()
 
 

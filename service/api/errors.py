@@ -1,15 +1,13 @@
 """Every error leaves the service as `{"error": {"type", "message", "index"?, "field"?}}`, or in the
-shape a peer-compatible route speaks (`api/compat/`), which renders the same description."""
+shape a peer-compatible route speaks (`api/compat/route_class`), which renders the same description."""
 
 from __future__ import annotations
 
 import logging
-from typing import Callable
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from rewardserve.api.deps import ClientGone
@@ -72,31 +70,6 @@ def describe(request: Request, exc: Exception) -> tuple[int, dict, dict | None] 
     _count(request, body["error"]["type"])
     headers = {"Retry-After": str(exc.retry_after)} if isinstance(exc, Overloaded) else None
     return status, body["error"], headers
-
-
-# (request, status, the native error's fields) -> (status, body) in a peer's own shape
-Render = Callable[[Request, int, dict], tuple[int, dict]]
-
-
-def route_class(render: Render) -> type[APIRoute]:
-    """The route class of a router whose errors leave in a peer's shape (validation errors included:
-    FastAPI raises them inside the route handler)."""
-
-    class PeerRoute(APIRoute):
-        def get_route_handler(self):
-            handler = super().get_route_handler()
-
-            async def handle(request: Request):
-                try:
-                    return await handler(request)
-                except (ServiceError, RequestValidationError) as exc:
-                    status, err, headers = describe(request, exc)
-                    status, body = render(request, status, err)
-                    return JSONResponse(body, status_code=status, headers=headers)
-
-            return handle
-
-    return PeerRoute
 
 
 def install(app: FastAPI) -> None:

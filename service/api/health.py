@@ -7,20 +7,33 @@ from fastapi.responses import JSONResponse
 
 from rewardserve.api.deps import RegistryDep
 from rewardserve.api.schemas import ModelCard, ModelList
+from rewardserve.api.limits import Route
 from rewardserve.monitoring.metrics import CONTENT_TYPE
 
-router = APIRouter(tags=["operations"])
+router = APIRouter(tags=["operations"], route_class=Route)
 
 
 @router.get("/healthz")
-async def healthz() -> dict:
-    """The process is up and its event loop answers (even while a batch runs)."""
-    return {"status": "ok"}
+async def healthz(registry: RegistryDep) -> JSONResponse:
+    """The process is up and its event loop answers (even while a batch runs); 503 when a device is lost
+    for good (a CUDA error that poisons the context), which only a restart mends."""
+    lost, _ = registry.devices.problems()
+    if lost:
+        return JSONResponse({"error": {"type": "device_lost", "message": "; ".join(lost)}}, status_code=503)
+    return JSONResponse({"status": "ok"})
 
 
 @router.get("/readyz")
 async def readyz(registry: RegistryDep) -> JSONResponse:
-    """200 once every entry is loaded and warmed up, 503 before (and if loading failed)."""
+    """200 once every entry is loaded and warmed up, 503 before (and if loading failed, and while the
+    server drains on its way out)."""
+    if registry.draining:
+        return JSONResponse({"error": {"type": "draining", "message": "shutting down"}}, status_code=503)
+    lost, replacing = registry.devices.problems()
+    if lost or replacing:
+        kind = "device_lost" if lost else "worker_replaced"
+        message = "; ".join([f"lost {p}" for p in lost] + [f"replacing the worker of {p}" for p in replacing])
+        return JSONResponse({"error": {"type": kind, "message": message}}, status_code=503)
     if registry.ready:
         return JSONResponse({"status": "ready", "model": registry.default, "models": registry.names})
     if registry.failure is not None:

@@ -7,12 +7,13 @@ import math
 from fastapi import APIRouter, Request
 
 from rewardserve.api.deps import RegistryDep, call_of, score_items
+from rewardserve.api.limits import Route
 from rewardserve.api.schemas import (
     ERROR_RESPONSES, BestOfNRequest, BestOfNResponse, CompareRequest, CompareResponse, Comparison, Usage, item,
 )
 from rewardserve.errors import RequestTooLarge
 
-router = APIRouter(tags=["ranking"])
+router = APIRouter(tags=["ranking"], route_class=Route)
 
 
 @router.post("/v1/best_of_n", response_model=BestOfNResponse, responses=ERROR_RESPONSES)
@@ -27,7 +28,8 @@ async def best_of_n(body: BestOfNRequest, request: Request, registry: RegistryDe
         chat = [m.model_dump() for m in body.messages]
         items = [item(messages=chat + [{"role": "assistant", "content": c}]) for c in body.candidates]
     scorer, scored = await score_items(request, registry, body.model, items, lambda i, part: (i, f"candidates[{i}]"),
-                                       call_of(body, [list(range(len(items)))]))
+                                       call_of(body, [list(range(len(items)))]),
+                                       body.timeout)
     rewards = [s.reward for s in scored]
     ranking = sorted(range(len(rewards)), key=lambda i: (-rewards[i], i))  # ties: the earlier candidate first
     margin = rewards[ranking[0]] - rewards[ranking[1]] if len(ranking) > 1 else None
@@ -51,7 +53,8 @@ async def compare(body: CompareRequest, request: Request, registry: RegistryDep)
         side = "ab"[i % 2]
         return (i // 2, f"pairs[{i // 2}].{side}") if body.pairs is not None else (None, side)
 
-    scorer, scored = await score_items(request, registry, body.model, items, locate, call_of(body, groups))
+    scorer, scored = await score_items(request, registry, body.model, items, locate, call_of(body, groups),
+                                       body.timeout)
     results = []
     for k, p in enumerate(pairs):
         ra, rb = scored[2 * k].reward, scored[2 * k + 1].reward

@@ -83,6 +83,9 @@ class Options(Closed):
     heads: dict[StrictStr, float] | None = Field(
         None, min_length=1, description="reward = sum of weight x head output, by head name (models with several "
                                         "heads; default: the entry's, else head 0).")
+    timeout: float | None = Field(None, gt=0, description="Seconds this request may take (504 past them; capped by "
+                                                          "the server's max_request_timeout_s). The "
+                                                          "X-Request-Timeout header sets it too.")
 
 
 class ScoreRequest(Options):
@@ -229,8 +232,11 @@ ERROR_RESPONSES: dict = {
         (404, "Unknown model."),
         (413, "Too many items, or an item too long with truncation=error."),
         (422, "Invalid input; `index` names the item."),
-        (429, "Overloaded; retry after the Retry-After header's seconds."),
-        (503, "Not ready, or the batch failed on its device."),
+        (401, "No API key (the server has keys)."),
+        (403, "A wrong API key."),
+        (429, "Overloaded, or over this key's quota; retry after the Retry-After header's seconds."),
+        (503, "Not ready, draining, or the batch failed on its device."),
+        (504, "The request's deadline passed."),
     )
 }
 

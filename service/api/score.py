@@ -8,8 +8,9 @@ from fastapi import APIRouter, Request, Response
 
 from rewardserve.api.deps import RegistryDep, call_of, item_field, score_items
 from rewardserve.api.schemas import ERROR_RESPONSES, Item, ItemResult, ScoreRequest, ScoreResponse, Usage
+from rewardserve.api.limits import Route
 
-router = APIRouter(tags=["scoring"])
+router = APIRouter(tags=["scoring"], route_class=Route)
 
 
 def detect_groups(items: list[Item]) -> list[list[int]]:
@@ -34,7 +35,8 @@ async def score(body: ScoreRequest, request: Request, response: Response, regist
     ensemble (its members' rewards aggregated)."""
     start = time.perf_counter()
     scorer, results = await score_items(request, registry, body.model, body.items, item_field("items"),
-                                        call_of(body, detect_groups(body.items)))
+                                        call_of(body, detect_groups(body.items)),
+                                        body.timeout)
     items = [ItemResult(**r.fields()) for r in results]
     response.headers["x-total-time"] = f"{(time.perf_counter() - start) * 1000:.3f}"
     return ScoreResponse(model=scorer.name, rewards=[r.reward for r in results], items=items,

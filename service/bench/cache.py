@@ -58,7 +58,7 @@ def run(model: str | None, tiers: list[str], duration: float, concurrency: int, 
             else:
                 url = redis_url or stack.enter_context(redis_process())
                 args += ["--lru-items", "0", "--redis-url", url, "--cache-timeout-ms", "50"]
-            port = stack.enter_context(server_process(args))
+            port = stack.enter_context(server_process(args)).port
             _warm(port, bodies)
             if not _check_all_cached(port, bodies[0]):
                 raise RuntimeError(f"{tier}: warmed items are not served from cache")

@@ -10,7 +10,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from typing import Iterator
+from typing import Iterator, NamedTuple
 
 
 def free_port() -> int:
@@ -19,13 +19,26 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+class Served(NamedTuple):
+    port: int
+    proc: subprocess.Popen
+
+    def rss_bytes(self, peak: bool = False) -> int:
+        """The server's resident memory now (or its peak), from /proc (Linux)."""
+        field = "VmHWM:" if peak else "VmRSS:"
+        for line in open(f"/proc/{self.proc.pid}/status"):
+            if line.startswith(field):
+                return int(line.split()[1]) * 1024
+        raise RuntimeError(f"no {field} in /proc/{self.proc.pid}/status")
+
+
 @contextlib.contextmanager
-def server_process(args: list[str], timeout: float = 300) -> Iterator[int]:
-    """`rewardserve serve ARGS` on a free loopback port, in its own process; yields the port once ready."""
+def server_process(args: list[str], timeout: float = 300, **popen) -> Iterator[Served]:
+    """`rewardserve serve ARGS` on a free loopback port, in its own process; yields it once ready."""
     port = free_port()
     cmd = [sys.executable, "-m", "rewardserve.cli", "serve", "--host", "127.0.0.1", "--port", str(port),
            "--log-level", "warning", *args]
-    proc = subprocess.Popen(cmd, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    proc = subprocess.Popen(cmd, env=dict(os.environ, PYTHONUNBUFFERED="1"), **popen)
     try:
         deadline = time.monotonic() + timeout
         while True:
@@ -40,7 +53,7 @@ def server_process(args: list[str], timeout: float = 300) -> Iterator[int]:
             if time.monotonic() > deadline:
                 raise TimeoutError("server not ready in time")
             time.sleep(0.1)
-        yield port
+        yield Served(port, proc)
     finally:
         proc.terminate()
         try:

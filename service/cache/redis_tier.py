@@ -62,6 +62,17 @@ class RedisTier:
         self.models: list[str] = []
         self._writes: set[asyncio.Task] = set()
 
+    async def warm(self, connections: int = 4, timeout: float = 2.0) -> bool:
+        """Open and check a few pooled connections before traffic: a cold connection can take longer
+        than the per-call deadline, and every first request would then miss. Fail-open like the rest."""
+        try:
+            await asyncio.wait_for(asyncio.gather(*(self.client.ping() for _ in range(connections))), timeout)
+        except Exception as exc:
+            log.warning("redis is not reachable at start (%s: %s); the cache tier starts as misses",
+                        type(exc).__name__, exc)
+            return False
+        return True
+
     def register(self, model: str) -> None:
         """A model whose scores go through this tier (the breaker's gauge is published for each)."""
         self.models.append(model)

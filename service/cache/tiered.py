@@ -50,7 +50,10 @@ class ScoreCache:
             self.redis.set_many_background(pairs, model)
 
     async def close(self) -> None:
+        """Hand Redis what is still waiting to be written, wait for it, and close."""
         if self.redis is not None:
+            if self._to_write:
+                self._flush()
             await self.redis.close()
 
 

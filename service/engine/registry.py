@@ -43,6 +43,7 @@ class Registry:
         self.devices = Devices()
         self.cache: ScoreCache | None = None
         self.ready = False
+        self.draining = False  # set on SIGTERM: readiness off, new requests refused, in-flight ones finish
         self.load_error: BaseException | None = None
         self._loading: str | None = None  # the entry start() is loading
         self._batchers: list[Batcher] = []
@@ -70,6 +71,8 @@ class Registry:
             if s.cpu_keep_memory:
                 keep_freed_memory()
             self.cache = self._tiers()
+            if self.cache is not None and self.cache.redis is not None:
+                await self.cache.redis.warm()  # connected and checked before the first request needs it
             for entry in self.config.models:
                 model = await asyncio.to_thread(self._load, entry)
                 self.scorers[entry.name] = await asyncio.to_thread(self._wire, entry, model)
@@ -133,7 +136,7 @@ class Registry:
             # everything besides the weights and the ids that decides a score goes into the key
             scoring = f"dtype={m.dtype};backend={m.backend};attention={m.attention};labels={m.num_labels}"
             cache = self.cache.for_model(m.name, KeyMaker(fingerprint, scoring, s.cache_prefix), m.num_labels)
-        workers = ModelWorkers(m.backends, self.devices, self.metrics, m.name)
+        workers = ModelWorkers(m.backends, self.devices, self.metrics, m.name, s.batch_timeout_s)
         budget = self._budget(entry)
         batcher = Batcher(Budgets(budget, s.max_batch_items, s.max_wait_ms / 1000, s.max_queued_tokens), workers,
                           self.metrics, m.name)

@@ -6,7 +6,9 @@ import asyncio
 import time
 from dataclasses import dataclass, field
 from enum import IntEnum
+from typing import Callable
 
+from rewardserve.errors import RequestTooLarge
 from rewardserve.models.units import Unit
 
 
@@ -19,12 +21,36 @@ class Lane(IntEnum):
 
 @dataclass(eq=False, slots=True)
 class Ticket:
-    """One request's share of the queue; `cancel()` drops its items that have not started yet."""
+    """One request's share of the queue; `cancel()` drops its items that have not started yet, and so
+    does its deadline (time.monotonic()) passing."""
 
     cancelled: bool = False
+    deadline: float | None = None
 
     def cancel(self) -> None:
         self.cancelled = True
+
+    @property
+    def gone(self) -> bool:
+        return self.cancelled or (self.deadline is not None and time.monotonic() >= self.deadline)
+
+
+@dataclass(eq=False, slots=True)
+class Meter:
+    """What one request may still cost: `max_tokens` over all its items and models, and its caller's
+    token quota (`charge(tokens)` raises when the caller is over it)."""
+
+    max_tokens: int
+    charge: Callable[[int], None] | None = None
+    used: int = 0
+
+    def add(self, tokens: int) -> None:
+        self.used += tokens
+        if self.used > self.max_tokens:
+            raise RequestTooLarge(f"the request holds {self.used} tokens, more than max_request_tokens "
+                                  f"({self.max_tokens})")
+        if self.charge is not None:
+            self.charge(tokens)
 
 
 @dataclass(slots=True)
@@ -53,4 +79,4 @@ class WorkItem:
 
     @property
     def dead(self) -> bool:
-        return self.future.done() or all(t.cancelled for t in self.tickets)
+        return self.future.done() or all(t.gone for t in self.tickets)

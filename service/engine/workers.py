@@ -4,6 +4,13 @@ Each device has one worker: a single thread, so model work never runs on the eve
 never runs two batches at once, whichever models share it (`Devices`, one per process). Each model
 has its replicas, one per device it was loaded on (`ModelWorkers`): it takes any free one of its
 devices for a batch, and measures and publishes that model's batches.
+
+When a worker fails (engine/faults.py says what a failure means):
+- a batch that runs past `batch_timeout_s` fails (503), and its worker gets a fresh thread (the stuck
+  one is abandoned); so does a worker whose thread is gone. Until a probe batch has run on the new
+  thread, /readyz says which worker is being replaced;
+- a device that is lost (a CUDA error that poisons the context) is taken out of service: its
+  batches fail at once, /readyz and /healthz answer 503 naming it (the process must restart).
 """
 
 from __future__ import annotations
@@ -17,19 +24,32 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
+from rewardserve.engine.faults import Outcome, is_device_lost, run_splitting
 from rewardserve.engine.types import WorkItem
-from rewardserve.errors import BackendError, bug
+from rewardserve.errors import BackendError
+from rewardserve.models.units import Unit
 from rewardserve.monitoring.metrics import Metrics
 
 log = logging.getLogger(__name__)
+_PROBE = [Unit.single([0], (0,))]  # one token: what a fresh worker thread runs before it is trusted
 
 
 class Worker:
     def __init__(self, device: str):
         self.device = device
-        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"rs-{device}")
+        self.executor = self._thread()
         self.busy = False
         self.last_used = 0  # when it was last handed out (a counter): free workers go least recently used first
+        self.replacing: str | None = None  # why its thread was replaced, until a probe batch has run on the new one
+        self.lost: str | None = None  # why the device is out of service for good
+
+    def _thread(self) -> ThreadPoolExecutor:
+        return ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"rs-{self.device}")
+
+    def replace_thread(self, why: str) -> None:
+        old, self.executor = self.executor, self._thread()
+        old.shutdown(wait=False, cancel_futures=True)  # a stuck thread is abandoned, not joined
+        self.replacing = why
 
 
 class Devices:
@@ -43,11 +63,17 @@ class Devices:
     def add(self, device: str) -> None:
         self.workers.setdefault(device, Worker(device))
 
+    def problems(self) -> tuple[list[str], list[str]]:
+        """(devices lost for good, workers being replaced), each with the reason."""
+        lost = [f"{w.device}: {w.lost}" for w in self.workers.values() if w.lost]
+        replacing = [f"{w.device}: {w.replacing}" for w in self.workers.values() if w.replacing]
+        return lost, replacing
+
     def _take(self, devices: frozenset[str]) -> Worker | None:
         free = [self.workers[d] for d in devices if not self.workers[d].busy]
         if not free:
             return None
-        w = min(free, key=lambda w: w.last_used)
+        w = min(free, key=lambda w: (w.lost is not None, w.last_used))  # a lost device only when nothing else is
         self._handed += 1
         w.busy, w.last_used = True, self._handed
         return w
@@ -92,7 +118,8 @@ class Devices:
 class ModelWorkers:
     """One model's replicas (a backend per device) on the shared workers."""
 
-    def __init__(self, backends: list, devices: Devices, metrics: Metrics, model_name: str):
+    def __init__(self, backends: list, devices: Devices, metrics: Metrics, model_name: str,
+                 batch_timeout_s: float = 300.0):
         self.backends = {str(b.device): b for b in backends}
         for d in self.backends:
             devices.add(d)
@@ -100,6 +127,7 @@ class ModelWorkers:
         self.devices = devices
         self.metrics = metrics
         self.model = model_name
+        self.batch_timeout_s = batch_timeout_s
         self._running: set[asyncio.Task] = set()
         self.tokens_per_second = 0.0  # EWMA of real tokens/s, for Retry-After estimates
 
@@ -116,53 +144,86 @@ class ModelWorkers:
         task.add_done_callback(self._running.discard)
 
     async def _run(self, worker: Worker, batch: list[WorkItem]) -> None:
-        loop = asyncio.get_running_loop()
-        backend = self.backends[worker.device]
         start = time.perf_counter()
         for it in batch:
             it.started = start
         try:
-            out = await loop.run_in_executor(worker.executor, backend.score, [it.work for it in batch])
-        except Exception as exc:  # one failed batch fails its own items only
+            outcome = await self._compute(worker, [it.work for it in batch])
+        except Exception as exc:  # the worker itself failed: this batch fails, and only this batch
             log.exception("batch of %d items of %s failed on %s", len(batch), self.model, worker.device)
-            err = BackendError(f"inference failed on {worker.device}: {type(exc).__name__}: {exc}")
-            for it in batch:
-                if not it.future.done():
-                    it.future.set_exception(err)
-            return
+            outcome = Outcome([exc] * len(batch))
         finally:
             self.release(worker)
         finished = time.perf_counter()
-        elapsed = finished - start
         for it in batch:
             it.finished = finished
-        self._publish(worker.device, batch, out, elapsed)
-        rows = out.scores.tolist()
-        start = 0
-        for it in batch:
-            n = it.work.rows
-            mine, start = rows[start: start + n], start + n
+        if outcome.real:
+            self._publish(worker.device, batch, outcome, finished - start)
+        for it, result in zip(batch, outcome.results):
             if it.future.done():
                 continue
-            if all(math.isfinite(v) for row in mine for v in row):
-                it.future.set_result(mine)
+            if isinstance(result, BaseException):
+                it.future.set_exception(result if isinstance(result, BackendError) else BackendError(
+                    f"inference failed on {worker.device}: {type(result).__name__}: {result}"))
+            elif all(math.isfinite(v) for row in result for v in row):
+                it.future.set_result(result)
             else:
-                it.future.set_exception(BackendError(f"model produced a non-finite score {mine}"))
-        if start != len(rows):
-            raise bug(f"backend returned {len(rows)} rows for {start} expected.")
+                it.future.set_exception(BackendError(f"model produced a non-finite score {result}"))
 
-    def _publish(self, device: str, batch: list[WorkItem], out, elapsed: float) -> None:
+    async def _compute(self, worker: Worker, units: list[Unit]) -> Outcome:
+        if worker.lost:
+            raise BackendError(f"device {worker.device} is out of service ({worker.lost}); the server must restart")
+        backend = self.backends[worker.device]
+        loop = asyncio.get_running_loop()
+        try:
+            run = loop.run_in_executor(worker.executor, run_splitting, backend.score, units)
+        except RuntimeError:  # its thread is gone (the executor was shut down): a fresh one, and again
+            self._replace(worker, "its thread was gone")
+            run = loop.run_in_executor(worker.executor, run_splitting, backend.score, units)
+        try:
+            outcome = await asyncio.wait_for(run, self.batch_timeout_s)
+        except asyncio.TimeoutError:
+            self._replace(worker, f"a batch ran past batch_timeout_s ({self.batch_timeout_s:g} s)")
+            raise BackendError(f"the batch ran past batch_timeout_s ({self.batch_timeout_s:g} s) on {worker.device}; "
+                               "its worker thread was replaced") from None
+        if outcome.splits:
+            self.metrics.oom_splits.labels(self.model, worker.device).inc(outcome.splits)
+        lost = next((r for r in outcome.results if isinstance(r, BaseException) and is_device_lost(r)), None)
+        if lost is not None:
+            worker.lost = f"{type(lost).__name__}: {lost}"
+            log.error("device %s is out of service: %s", worker.device, worker.lost)
+        return outcome
+
+    def _replace(self, worker: Worker, why: str) -> None:
+        log.error("replacing the worker thread of %s: %s", worker.device, why)
+        worker.replace_thread(why)
+        self.metrics.worker_replacements.labels(worker.device).inc()
+        task = asyncio.get_running_loop().create_task(self._probe(worker))
+        self._running.add(task)
+        task.add_done_callback(self._running.discard)
+
+    async def _probe(self, worker: Worker) -> None:
+        """A one-token batch on the fresh thread; the worker counts as replaced once it has run."""
+        backend = self.backends[worker.device]
+        try:
+            await asyncio.get_running_loop().run_in_executor(worker.executor, backend.score, _PROBE)
+        except Exception as exc:
+            worker.lost = f"the replaced worker's probe failed: {type(exc).__name__}: {exc}"
+            log.error("device %s is out of service: %s", worker.device, worker.lost)
+        worker.replacing = None
+
+    def _publish(self, device: str, batch: list[WorkItem], out: Outcome, elapsed: float) -> None:
         m, name = self.metrics, self.model
         m.inference_duration.labels(name, device).observe(elapsed)
         m.device_busy.labels(name, device).inc(elapsed)
         if device.startswith("cuda"):
             m.device_memory.labels(name, device).set(torch.cuda.memory_allocated(device))
         m.batch_items.labels(name).observe(len(batch))
-        m.batch_tokens.labels(name).observe(out.real_tokens)
-        m.padding_fraction.labels(name).observe(1 - out.real_tokens / max(out.computed_positions, 1))
-        m.tokens.labels(name).inc(out.real_tokens)
+        m.batch_tokens.labels(name).observe(out.real)
+        m.padding_fraction.labels(name).observe(1 - out.real / max(out.computed, 1))
+        m.tokens.labels(name).inc(out.real)
         m.items.labels(name).inc(len(batch))
-        rate = out.real_tokens / max(elapsed, 1e-6)
+        rate = out.real / max(elapsed, 1e-6)
         self.tokens_per_second = rate if self.tokens_per_second == 0 else 0.8 * self.tokens_per_second + 0.2 * rate
 
     async def close(self) -> None:

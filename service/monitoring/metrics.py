@@ -28,6 +28,8 @@ class Metrics:
             "rewardserve_requests", "HTTP requests by endpoint and status code.", ["model", "endpoint", "status"],
             registry=r,
         )
+        self.in_flight = Gauge(
+            "rewardserve_requests_in_flight", "HTTP requests being answered (a drain waits for them).", registry=r)
         self.request_duration = Histogram(
             "rewardserve_request_duration_seconds", "Wall time of a request, arrival to response.",
             ["model", "endpoint"], buckets=DURATION_BUCKETS, registry=r,
@@ -109,6 +111,18 @@ class Metrics:
             "rewardserve_prefix_fallback_items", "Group members scored alone because they pool inside the prefix.",
             ["model"], registry=r,
         )
+        self.oom_splits = Counter(
+            "rewardserve_oom_splits", "Batches halved and retried after running out of memory.", ["model", "device"],
+            registry=r)
+        self.worker_replacements = Counter(
+            "rewardserve_worker_replacements", "Worker threads replaced (a batch past batch_timeout_s, or a thread "
+            "gone).", ["device"], registry=r)
+        self.auth_rejections = Counter(
+            "rewardserve_auth_rejections", "Requests refused for a missing (401) or wrong (403) API key.", ["reason"],
+            registry=r)
+        self.quota_rejections = Counter(
+            "rewardserve_quota_rejections", "Requests refused (429) because their tenant was over its quota.",
+            ["tenant", "kind"], registry=r)
         self.device_busy = Counter(
             "rewardserve_device_busy_seconds", "Seconds a device spent running batches (rate() = busy fraction).",
             ["model", "device"], registry=r,

@@ -19,7 +19,7 @@ from typing import Any, ClassVar, Sequence
 
 from rewardserve.cache.tiered import Rows
 from rewardserve.engine.scheduler import ModelRunner, Seq
-from rewardserve.engine.types import Lane, Ticket, Timing
+from rewardserve.engine.types import Lane, Meter, Ticket, Timing
 from rewardserve.models.loading import LoadedModel
 from rewardserve.models.tokenize import ItemLike
 from rewardserve.monitoring.metrics import Metrics
@@ -41,6 +41,7 @@ class Call:
     groups: Sequence[Sequence[int]] = ()  # indices of items that share a prompt
     max_tokens: int | None = None  # cut items to this many tokens (a peer's truncate-to-k); None: max_length
     timing: Timing | None = None  # filled in when the route reports where the time went
+    meter: Meter | None = None  # the request's token limit and quota, shared by the models it runs on
 
 
 @dataclass(slots=True)
@@ -107,6 +108,8 @@ class ModelScorer(Scorer):
     async def score(self, items: Sequence[ItemLike], call: Call) -> list[Result]:
         self.check(call)
         prepared = await self._prepare(items, call)
+        if call.meter is not None:
+            call.meter.add(sum(len(p.ids) for p in prepared))
         runs = await self.runner.run(prepared, lane=call.lane, ticket=call.ticket, use_cache=call.use_cache,
                                      groups=call.groups, timing=call.timing)
         results = [self.finish(p, rows, cached, call) for p, (rows, cached) in zip(prepared, runs)]

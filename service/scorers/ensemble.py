@@ -61,8 +61,9 @@ class EnsembleScorer(Scorer):
             raise InvalidInput(f"heads: {self.name} is an ensemble; heads apply to model entries (set them on its "
                                "members' entries)", field="heads")
         # each member has its own ticket: one member failing must not drop another's queued items under it
-        per_member = await gather_or_cancel(*(self._member(m, items, dataclasses.replace(call, ticket=Ticket()))
-                                              for m in self.members))
+        per_member = await gather_or_cancel(*(
+            self._member(m, items, dataclasses.replace(call, ticket=Ticket(deadline=call.ticket.deadline)))
+            for m in self.members))
         results = []
         for i in range(len(items)):
             mine = [r[i] for r in per_member]

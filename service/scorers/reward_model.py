@@ -7,6 +7,7 @@ A checkpoint with several heads (`num_labels > 1`) returns every head by its id2
 
 from __future__ import annotations
 
+import math
 from typing import Any, Sequence
 
 from rewardserve.cache.tiered import Rows
@@ -46,6 +47,8 @@ class RewardModelScorer(ModelScorer):
         named = dict(zip(self.labels, scores))
         heads = call.heads or self.heads
         reward = sum(w * named[h] for h, w in heads.items()) if heads else scores[0]
+        if not math.isfinite(reward):  # the scores are finite (the workers check): the weights overflow it
+            raise InvalidInput(f"heads: the weighted sum of the heads is {reward}", field="heads")
         return Result(reward=reward, tokens=len(prepared.ids), truncated=prepared.truncated, cached=cached,
                       scores=named if len(scores) > 1 else None)
 
@@ -55,14 +58,15 @@ class RewardModelScorer(ModelScorer):
         enc = self.model.encoder
         ids = [(enc.tokenizer(t, add_special_tokens=True)["input_ids"] or [0])[: enc.max_length] for t in WARMUP_TEXTS]
         pad = self.model.pad_token_id
+        seqs = [Prepared(x, (last_token_index(x, pad),)) for x in ids]
+        # one batch (one max_wait_ms) per device; in parts if the operator's queue limit is smaller
+        parts = [seqs] if sum(len(x) for x in ids) <= self.runner.batcher.max_queued else [[s] for s in seqs]
         rewards: list[float] = []
         for _ in self.model.backends:  # consecutive batches go to the least recently used device
-            # one text at a time: warm-up must fit any queue limit the operator set
             rewards = []
-            for x in ids:
-                [(rows, _)] = await self.runner.run([Prepared(x, (last_token_index(x, pad),))],
-                                                    lane=Lane.interactive, ticket=Ticket(), use_cache=False)
-                rewards.append(rows[0][0])
+            for part in parts:
+                runs = await self.runner.run(part, lane=Lane.interactive, ticket=Ticket(), use_cache=False)
+                rewards += [rows[0][0] for rows, _ in runs]
         return rewards
 
     def card(self) -> dict[str, Any]:

@@ -15,7 +15,16 @@ from __future__ import annotations
 
 import math
 import uuid
+from typing import Callable
 
+from fastapi import Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from fastapi.routing import APIRoute
+
+from rewardserve.api.errors import describe
+from rewardserve.api.limits import Route
+from rewardserve.errors import ServiceError
 from rewardserve.scorers.base import Result, Scorer
 
 
@@ -42,3 +51,28 @@ def outputs(scorer: Scorer, result: Result) -> tuple[list[str], list[float]]:
 
 def request_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex}"
+
+
+# (request, status, the native error's fields) -> (status, body) in a peer's own shape
+Render = Callable[[Request, int, dict], tuple[int, dict]]
+
+
+def route_class(render: Render) -> type[APIRoute]:
+    """The route class of a router whose errors leave in a peer's shape (validation errors included:
+    FastAPI raises them inside the route handler)."""
+
+    class PeerRoute(Route):
+        def get_route_handler(self):
+            handler = super().get_route_handler()
+
+            async def handle(request: Request):
+                try:
+                    return await handler(request)
+                except (ServiceError, RequestValidationError) as exc:
+                    status, err, headers = describe(request, exc)
+                    status, body = render(request, status, err)
+                    return JSONResponse(body, status_code=status, headers=headers)
+
+            return handle
+
+    return PeerRoute

@@ -17,9 +17,10 @@ from pydantic import Field, StrictStr, model_validator
 
 from rewardserve.api.deps import RegistryDep, score_items
 from rewardserve.api.schemas import ERROR_RESPONSES, Closed, item
+from rewardserve.api.limits import Route
 from rewardserve.scorers.base import Call
 
-router = APIRouter(tags=["compatible: OpenRLHF"])
+router = APIRouter(tags=["compatible: OpenRLHF"], route_class=Route)
 
 
 class GetRewardRequest(Closed):

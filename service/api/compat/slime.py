@@ -18,9 +18,10 @@ from pydantic import Field, StrictStr
 
 from rewardserve.api.deps import RegistryDep, score_items
 from rewardserve.api.schemas import ERROR_RESPONSES, Closed, ItemResult, Message, item
+from rewardserve.api.limits import Route
 from rewardserve.scorers.base import Call
 
-router = APIRouter(tags=["compatible: slime"])
+router = APIRouter(tags=["compatible: slime"], route_class=Route)
 
 
 class RewardRequest(Closed):

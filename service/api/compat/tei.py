@@ -22,9 +22,8 @@ from typing import Annotated, Literal
 from fastapi import APIRouter, Query, Request, Response
 from pydantic import BeforeValidator, Field, StrictBool, StrictStr
 
-from rewardserve.api.compat import activated, outputs
+from rewardserve.api.compat import activated, outputs, route_class
 from rewardserve.api.deps import RegistryDep, score_items
-from rewardserve.api.errors import route_class
 from rewardserve.api.schemas import Closed, item
 from rewardserve.engine.types import Timing
 from rewardserve.errors import InvalidInput, RequestTooLarge

@@ -25,21 +25,24 @@ from typing import Any, Literal
 from fastapi import APIRouter, Request
 from pydantic import Field, StrictBool, StrictInt, StrictStr, model_validator
 
-from rewardserve.api.compat import activated, outputs, request_id
+from rewardserve.api.compat import activated, outputs, request_id, route_class
 from rewardserve.api.deps import RegistryDep, score_items
-from rewardserve.api.errors import route_class
 from rewardserve.api.schemas import Closed, Message, item
 from rewardserve.engine.types import Lane
 from rewardserve.errors import InvalidInput
 from rewardserve.scorers.base import Call, Result
 
-_TYPES = {400: "BadRequestError", 404: "NotFoundError", 429: "TooManyRequestsError",
-          503: "ServiceUnavailableError"}
+_TYPES = {400: "BadRequestError", 401: "AuthenticationError", 403: "PermissionDeniedError", 404: "NotFoundError",
+          413: "RequestTooLargeError", 429: "TooManyRequestsError", 503: "ServiceUnavailableError",
+          504: "TimeoutError"}
+
+
+_LIMITS = ("body_too_large", "text_too_long")  # rewardserve's own limits stay 413s
 
 
 def _render(request: Request, status: int, err: dict) -> tuple[int, dict]:
     """vLLM's error body: {"error": {"message", "type", "param", "code"}}; bad input is a 400."""
-    status = 400 if status in (413, 422) else status
+    status = 400 if status == 422 or (status == 413 and err["type"] not in _LIMITS) else status
     body = {"message": err["message"], "type": _TYPES.get(status, "InternalServerError"),
             "param": err.get("field"), "code": status}
     return status, {"error": body}
