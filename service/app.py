@@ -15,6 +15,7 @@ from fastapi import FastAPI
 
 from rewardserve import __version__
 from rewardserve.api import admin, errors, health, rank, score
+from rewardserve.api.admission import Admission
 from rewardserve.api.compat import openrlhf, slime, tei, vllm
 from rewardserve.api.security import Auth, KeyRing
 from rewardserve.config import RegistryConfig, ServerSettings, quick
@@ -101,7 +102,8 @@ def create_app(settings: ServerSettings | None = None, registry: RegistryConfig 
     for router in routers:
         app.include_router(router)
     paths = {r.path for router in routers for r in router.routes}
-    if keys is not None:  # inside the metrics: refused requests are counted too
+    app.add_middleware(Admission, registry=scorers, max_concurrent=settings.max_concurrent_requests, metrics=metrics)
+    if keys is not None:  # outside admission (a caller without a key costs nothing), inside the metrics
         public = {p.strip() for p in settings.public_paths.split(",") if p.strip()}
         app.add_middleware(Auth, keys=keys, public=public, metrics=metrics)
     app.add_middleware(RequestMetrics, metrics=metrics, paths=paths, state=app.state)

@@ -132,6 +132,14 @@ def cmd_bench_attention(args: argparse.Namespace) -> None:
                            args.dtype)).decode())
 
 
+def cmd_bench_overload(args: argparse.Namespace) -> None:
+    from rewardserve.bench.overload import run
+
+    result = run(args.model, args.capacity_s, args.ramp_s, args.peak, args.deadline_s, args.concurrency, args.texts,
+                 args.server_args.split() if args.server_args else None, args.rounds)
+    print(orjson.dumps(result).decode())
+
+
 def cmd_drift(args: argparse.Namespace) -> None:
     from rewardserve.drift_cli import run
 
@@ -197,6 +205,19 @@ def build_parser() -> argparse.ArgumentParser:
     bon.add_argument("--backend", choices=("packed", "hf"), default="packed",
                      help="packed: tree-shaped batch; hf: padded HF model with the prompt's KV cache")
     bon.set_defaults(func=cmd_bench_bon)
+
+    over = bench_sub.add_parser("overload",
+                                help="capacity, then an open loop ramping to PEAK x capacity with deadlines")
+    over.add_argument("--model", default=None, help="checkpoint (default: the embedded model)")
+    over.add_argument("--capacity-s", type=float, default=5.0, help="seconds of closed-loop load to measure capacity")
+    over.add_argument("--ramp-s", type=float, default=10.0, help="seconds of the open-loop ramp")
+    over.add_argument("--peak", type=float, default=5.0, help="the ramp ends at this many times the capacity")
+    over.add_argument("--deadline-s", type=float, default=2.0, help="each request's X-Request-Timeout")
+    over.add_argument("--concurrency", type=int, default=16, help="closed-loop clients for the capacity")
+    over.add_argument("--texts", type=int, default=64, help="distinct one-item requests (uncached)")
+    over.add_argument("--rounds", type=int, default=2, help="ramps in a row (memory is read after each)")
+    over.add_argument("--server-args", default="", help="more `rewardserve serve` flags, space-separated")
+    over.set_defaults(func=cmd_bench_overload)
 
     attn = bench_sub.add_parser("attention", help="CPU: the C++ attention kernel vs torch SDPA, alone and in the model")
     attn.add_argument("--items", type=int, default=32, help="sequences in the workload (bench throughput's)")

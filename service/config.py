@@ -53,6 +53,8 @@ class ServerSettings(BaseSettings):
                                                              "before tokenisation (413).")
     max_request_tokens: int = Field(2_000_000, ge=1, description="Most tokens one request may hold after "
                                                                  "tokenisation, over its items and models (413).")
+    max_concurrent_requests: int = Field(512, ge=1, description="Scoring requests in flight at once; beyond, 429 "
+                                                                 "before the body is read.")
     max_request_timeout_s: float = Field(600.0, gt=0, description="Cap of a request's own deadline (its `timeout` "
                                                                   "field or X-Request-Timeout header).")
     request_timeout_s: float | None = Field(None, gt=0, description="Deadline of requests that set none (504 when "

@@ -29,7 +29,7 @@ class Faults:
             _, code, retry_after = fault
             kind = {429: "overloaded", 503: "backend_error"}.get(code, "injected")
             body = orjson.dumps({"error": {"type": kind, "message": f"injected {code}"}})
-            headers = [(b"content-type", b"application/json")]
+            headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
             if retry_after is not None:
                 headers.append((b"retry-after", str(retry_after).encode()))
             await send({"type": "http.response.start", "status": code, "headers": headers})

@@ -62,3 +62,18 @@ def test_bench_bon_reports_shared_vs_independent_and_the_ideal(backend):
     assert (row["prompt"], row["n"], row["response"]) == (24, 3, 4)
     assert row["ideal"] == round(3 * 28 / (24 + 12), 3)
     assert row["shared_tok_s"] > 0 and row["independent_tok_s"] > 0 and row["fraction_of_ideal"] > 0
+
+
+def test_bench_overload_every_request_ends_in_200_429_or_504_and_nothing_is_lost():
+    """The load test, on the embedded model: capacity, then an open loop ramping to 5x it, each request with
+    a deadline."""
+    result = _bench("overload", "--capacity-s", "1.5", "--ramp-s", "3", "--peak", "5", "--deadline-s", "1",
+                    "--texts", "32")
+    assert result["bench"] == "overload" and result["capacity_rps"] > 0
+    assert result["peak_offered_rps"] == pytest.approx(5 * result["capacity_rps"], rel=0.01)
+    assert set(result["by_status"]) <= {"200", "429", "504"}, result["by_status"]
+    assert result["hung"] == result["failed"] == result["wrong_or_duplicated"] == 0
+    assert result["by_status"].get("200", 0) > 0 and result["requests"] >= 3 * result["capacity_rps"]
+    assert result["rss_mb"]["peak"] - result["rss_mb"]["before"] < 400  # the same bound as the hostile table
+    first, second = result["rss_mb"]["after_each_round"]
+    assert second - first < 50  # flat: the second ramp keeps nothing of its own

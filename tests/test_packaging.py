@@ -91,5 +91,6 @@ def test_the_hf_and_cpu_paths_need_no_triton():
                           env={k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"})
     assert done.returncode == 0, done.stderr[-3000:]
     lines = done.stdout.strip().splitlines()
-    assert lines[0] == "Triton is not installed: the kernel _rmsnorm_kernel runs on the CUDA path only (pip install triton)"
+    assert lines[0] == ("Triton is not installed: the kernel _rmsnorm_kernel runs on the CUDA path only "
+                        "(pip install triton)")
     assert lines[1].startswith("ok None")

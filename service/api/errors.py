@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import logging
 
+import orjson
+
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -70,6 +72,16 @@ def describe(request: Request, exc: Exception) -> tuple[int, dict, dict | None] 
     _count(request, body["error"]["type"])
     headers = {"Retry-After": str(exc.retry_after)} if isinstance(exc, Overloaded) else None
     return status, body["error"], headers
+
+
+async def send_error(send, exc: ServiceError, headers: list[tuple[bytes, bytes]] = ()) -> None:
+    """Answer a raw ASGI request with a typed error, for middleware that refuses before any route."""
+    body = orjson.dumps(exc.body())
+    head = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()), *headers]
+    if isinstance(exc, Overloaded):
+        head.append((b"retry-after", str(exc.retry_after).encode()))
+    await send({"type": "http.response.start", "status": exc.status, "headers": head})
+    await send({"type": "http.response.body", "body": body})
 
 
 def install(app: FastAPI) -> None:

@@ -31,9 +31,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import parse_qsl, urlencode
 
-import orjson
-
 from rewardserve.aio import cancel_and_wait
+from rewardserve.api.errors import send_error
 from rewardserve.errors import Forbidden, QuotaExceeded, ServiceError, Unauthorized
 from rewardserve.monitoring.metrics import Metrics
 
@@ -205,7 +204,8 @@ class Auth:
             tenant = self._tenant(scope)
             tenant.charge_request()
         except ServiceError as exc:
-            return await _refuse(exc, send)
+            headers = [(b"www-authenticate", b"Bearer")] if isinstance(exc, Unauthorized) else []
+            return await send_error(send, exc, headers)
         scope.setdefault("state", {})["tenant"] = tenant
         await self.app(scope, receive, send)
 
@@ -229,13 +229,3 @@ class Auth:
             self.metrics.auth_rejections.labels("wrong").inc()
             raise Forbidden("the API key is not valid here")
         return tenant
-
-
-async def _refuse(exc: ServiceError, send) -> None:
-    headers = [(b"content-type", b"application/json")]
-    if isinstance(exc, Unauthorized):
-        headers.append((b"www-authenticate", b"Bearer"))
-    if hasattr(exc, "retry_after"):
-        headers.append((b"retry-after", str(exc.retry_after).encode()))
-    await send({"type": "http.response.start", "status": exc.status, "headers": headers})
-    await send({"type": "http.response.body", "body": orjson.dumps(exc.body())})

@@ -34,8 +34,9 @@ class LoadResult:
                 "p50_ms": round(self.percentile(0.50) * 1000, 3), "p99_ms": round(self.percentile(0.99) * 1000, 3)}
 
 
-def build_request(method: str, path: str, host: str, body: bytes | None = None) -> bytes:
+def build_request(method: str, path: str, host: str, body: bytes | None = None, headers: dict | None = None) -> bytes:
     head = f"{method} {path} HTTP/1.1\r\nHost: {host}\r\nConnection: keep-alive\r\n"
+    head += "".join(f"{k}: {v}\r\n" for k, v in (headers or {}).items())
     if body is not None:
         head += f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n"
     return head.encode() + b"\r\n" + (body or b"")
@@ -80,3 +81,41 @@ async def run_load(host: str, port: int, requests: list[bytes], *, concurrency: 
     stop_at = measure_from + duration
     await asyncio.gather(*(connection(w) for w in range(concurrency)))
     return LoadResult(len(latencies), errors, time.perf_counter() - measure_from, latencies)
+
+
+@dataclass
+class Answer:
+    status: int  # 0: no answer within the timeout (the request hung), -1: the connection failed
+    body: bytes
+    latency: float
+
+
+async def run_open(host: str, port: int, schedule: list[tuple[float, bytes]], *, timeout: float) -> list[Answer]:
+    """Open loop: each request is sent at its time (seconds from the start) whatever the answers so far,
+    on an idle keep-alive connection or a new one; answers in schedule order."""
+    idle: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
+
+    async def one(at: float, request: bytes) -> Answer:
+        await asyncio.sleep(max(0.0, start + at - time.perf_counter()))
+        sent = time.perf_counter()
+        try:
+            reader, writer = idle.pop() if idle else await asyncio.open_connection(host, port)
+        except OSError:
+            return Answer(-1, b"", 0.0)
+        try:
+            writer.write(request)
+            status, body = await asyncio.wait_for(_read_response(reader), timeout)
+        except asyncio.TimeoutError:
+            writer.close()
+            return Answer(0, b"", time.perf_counter() - sent)
+        except (OSError, asyncio.IncompleteReadError):
+            writer.close()
+            return Answer(-1, b"", time.perf_counter() - sent)
+        idle.append((reader, writer))
+        return Answer(status, body, time.perf_counter() - sent)
+
+    start = time.perf_counter()
+    answers = await asyncio.gather(*(one(at, request) for at, request in schedule))
+    for _, writer in idle:
+        writer.close()
+    return list(answers)

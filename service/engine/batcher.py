@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from rewardserve.aio import cancel_and_wait
 from rewardserve.engine.types import Lane, Ticket, WorkItem
 from rewardserve.engine.workers import ModelWorkers
-from rewardserve.errors import Overloaded, RequestTooLarge
+from rewardserve.errors import DeadlineExceeded, Overloaded, RequestTooLarge
 from rewardserve.models.units import Unit
 from rewardserve.monitoring.metrics import Metrics
 
@@ -61,6 +61,12 @@ class Batcher:
                 f"queue is full ({self.queued_tokens} tokens waiting, limit {self.max_queued}); retry later",
                 retry_after=self.retry_after(),
             )
+        wait = self.expected_wait(tokens)
+        if ticket.deadline is not None and time.monotonic() + wait > ticket.deadline:
+            # it could not be served in time: say so now rather than at its deadline, and spend nothing on it
+            self.metrics.rejected.labels(self.model).inc()
+            raise Overloaded(f"the queue needs about {wait:.2f} s, longer than this request's deadline allows; retry "
+                             "later", retry_after=self.retry_after())
         loop = asyncio.get_running_loop()
         now = time.perf_counter()
         items = [WorkItem(u, lane, [ticket], loop.create_future(), now) for u in units]
@@ -69,6 +75,11 @@ class Batcher:
         self._publish_depth()
         self._arrived.set()
         return items
+
+    def expected_wait(self, tokens: int = 0) -> float:
+        """Seconds until the queue, and `tokens` more, are done at the measured rate (0 before it is known)."""
+        rate = self.pool.tokens_per_second
+        return (self.queued_tokens + tokens) / rate if rate > 0 else 0.0
 
     def retry_after(self) -> int:
         """Seconds until the current queue has likely drained, from the measured token rate."""
@@ -153,7 +164,10 @@ class Batcher:
     def _drop(self, it: WorkItem) -> None:
         if not it.future.done():  # nobody waits for it any more; resolve it so nothing can hang
             self.metrics.dropped_items.labels(self.model).inc()
-            it.future.cancel()
+            if all(t.cancelled for t in it.tickets):
+                it.future.cancel()
+            else:  # their deadlines passed: whoever still looks learns so (a timer may not have fired yet)
+                it.future.set_exception(DeadlineExceeded("the request's deadline passed before its items ran"))
 
     def _publish_depth(self) -> None:
         for lane in Lane:

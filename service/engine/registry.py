@@ -49,6 +49,11 @@ class Registry:
         self._batchers: list[Batcher] = []
         self._workers: list[ModelWorkers] = []
 
+    def default_batcher(self) -> Batcher | None:
+        """The default entry's queue, when it is a model (what admission estimates waits from)."""
+        runner = getattr(self.scorers.get(self.default), "runner", None)
+        return runner.batcher if runner is not None else None
+
     @property
     def names(self) -> list[str]:
         return self.config.names

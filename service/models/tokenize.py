@@ -91,6 +91,8 @@ class ItemEncoder:
             for i, ids in zip(idx, enc):
                 raw[i] = self._dedupe_bos(ids)
         limit = self.max_length if limit is None else min(limit, self.max_length)
+        if limit < 1:
+            raise InvalidInput(f"items cannot be cut to {limit} tokens")
         return [self._fit(ids, i, truncation, limit) for i, ids in enumerate(raw)]
 
     def _check_ids(self, ids: list[int], index: int) -> list[int]:

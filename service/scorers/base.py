@@ -120,7 +120,10 @@ class ModelScorer(Scorer):
     async def _prepare(self, items: Sequence[ItemLike], call: Call) -> list[Prepared]:
         start = time.perf_counter()
         args = (items, call.truncation or self.truncation, call.max_tokens)
-        out = self.prepare(*args) if len(items) < _INLINE_TOKENIZE_ITEMS else await asyncio.to_thread(self.prepare, *args)
+        if len(items) < _INLINE_TOKENIZE_ITEMS:
+            out = self.prepare(*args)
+        else:
+            out = await asyncio.to_thread(self.prepare, *args)
         elapsed = time.perf_counter() - start
         self.metrics.tokenize_duration.labels(self.name).observe(elapsed)
         if call.timing is not None:

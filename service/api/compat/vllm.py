@@ -77,6 +77,8 @@ class _Request(Closed):
         """The scorer's view: lane, and how far to cut (-1: max_length; k: k tokens)."""
         k = self.truncate_prompt_tokens
         truncation, limit = None, None
+        if k == 0:
+            raise ValueError("truncate_prompt_tokens is -1 (the model's max_length) or at least 1")
         if k is not None:
             if max_length is not None and k > max_length:
                 raise ValueError(f"truncate_prompt_tokens ({k}) is greater than the model's max_length "
