@@ -2,6 +2,7 @@
 
     rewardserve serve [--model PATH_OR_ID | --config registry.yaml] [--port 8000] [...]   serve over HTTP
     rewardserve score [INPUT.jsonl|-] [-o OUTPUT.jsonl] [--entry NAME] [...]            score a JSONL file offline
+    rewardserve calibrate pairs|length DATA.jsonl [--entry NAME] [--out FIT.json]         fit a transform's map
 
 Every server setting, and every setting of the --model quick path, is a flag here and an RS_*
 environment variable; flags win over the environment.
@@ -140,6 +141,25 @@ def cmd_bench_overload(args: argparse.Namespace) -> None:
     print(orjson.dumps(result).decode())
 
 
+def cmd_calibrate(args: argparse.Namespace) -> None:
+    from rewardserve.calibrate import calibrate, table
+
+    settings, registry = settings_from_args(
+        args, **({} if "max_queued_tokens" in vars(args) else {"max_queued_tokens": 10**12}))
+    if args.entry is not None and args.entry not in registry.names:
+        raise SystemExit(f"--entry {args.entry!r} is not in the registry; its entries are {registry.names}")
+    logging.basicConfig(level="WARNING")
+    with open(args.data, "rb") as src:
+        try:
+            report = asyncio.run(calibrate(args.what, settings, registry, src, entry=args.entry, out=args.out,
+                                           plot=args.plot, method=args.method, degree=args.degree,
+                                           holdout=args.holdout, progress=not args.quiet))
+        except ValueError as exc:
+            raise SystemExit(f"{args.data}: {exc}") from None
+    print(table(report), file=sys.stderr)
+    print(orjson.dumps(report).decode())
+
+
 def cmd_drift(args: argparse.Namespace) -> None:
     from rewardserve.drift_cli import run
 
@@ -169,6 +189,20 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     add_settings_flags(score)
     score.set_defaults(func=cmd_score)
+
+    cal = sub.add_parser("calibrate", help="fit a calibration (pairs) or a length fit (length) from a JSONL file")
+    cal.add_argument("what", choices=["pairs", "length"])
+    cal.add_argument("data", help="JSONL: {prompt, chosen, rejected} pairs, or items (with a 0/1 label for pairs)")
+    cal.add_argument("--entry", default=None, help="the registry entry to fit (default: the default entry)")
+    cal.add_argument("--out", default=None, help="the fit's JSON (default: beside the model, else ./ENTRY.rewardserve-"
+                                                 "KIND.json)")
+    cal.add_argument("--plot", default=None, help="the reliability diagram's PNG (default: beside the JSON)")
+    cal.add_argument("--method", choices=["isotonic", "affine"], default="isotonic", help="pairs: the map's shape")
+    cal.add_argument("--degree", type=int, default=1, help="length: the polynomial's degree")
+    cal.add_argument("--holdout", type=float, default=0.2, help="share of the file kept out of the fit, to measure")
+    cal.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    add_settings_flags(cal)
+    cal.set_defaults(func=cmd_calibrate)
 
     drift = sub.add_parser("drift", help="print a running server's drift report; plot reference vs current rewards")
     add_drift_arguments(drift)

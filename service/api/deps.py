@@ -14,6 +14,7 @@ from rewardserve.engine.types import Lane, Meter
 from rewardserve.errors import DeadlineExceeded, Draining, InvalidInput, RequestTooLarge, ServiceError
 from rewardserve.models.tokenize import ItemLike
 from rewardserve.scorers.base import Call, Result, Scorer
+from rewardserve.transforms.shaping import score_shaped
 
 
 def get_registry(request: Request) -> Registry:
@@ -42,7 +43,8 @@ def pick(request: Request, registry: Registry, name: str | None) -> Scorer:
 
 
 def call_of(opts, groups: Sequence[Sequence[int]] = ()) -> Call:
-    """The scorer's view of a native request's options."""
+    """The scorer's view of a native request's options (its transform and advantages are applied above
+    the scorer: score_items)."""
     return Call(lane=Lane[opts.priority], use_cache=opts.cache, truncation=opts.truncation, heads=opts.heads,
                 groups=groups)
 
@@ -68,10 +70,12 @@ def timeout_of(request: Request, settings, asked: float | None) -> tuple[float |
 
 
 async def score_items(request: Request, registry: Registry, model: str | None, items: Sequence[ItemLike],
-                      locate: Locate, call: Call, timeout: float | None = None) -> tuple[Scorer, list[Result]]:
+                      locate: Locate, call: Call, timeout: float | None = None, transform=None,
+                      advantages: str | None = None) -> tuple[Scorer, list[Result]]:
     """Score items with the scorer `model` names (the default entry for None), within the request's
-    deadline (`timeout`: the body's own), its token limit and its caller's quota; an error about one
-    item names it by `locate`."""
+    deadline (`timeout`: the body's own), its token limit and its caller's quota, shaped by
+    `transform` (else the entry's) and with `advantages` when asked; an error about one item names it
+    by `locate`."""
     scorer = pick(request, registry, model)
     settings = registry.settings
     limit = settings.max_items_per_request
@@ -83,7 +87,8 @@ async def score_items(request: Request, registry: Registry, model: str | None, i
     tenant = request.scope.get("state", {}).get("tenant")
     call.meter = Meter(settings.max_request_tokens, tenant.charge_tokens if tenant is not None else None)
     try:
-        results = await unless_disconnected(request, scorer.score(items, call), seconds)
+        work = score_shaped(scorer, items, call, transform, advantages)
+        results = await unless_disconnected(request, work, seconds)
     except asyncio.TimeoutError:
         raise DeadlineExceeded(f"the request's deadline of {seconds:g} s (from {source}) passed; what it still had "
                                "queued was dropped") from None

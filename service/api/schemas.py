@@ -10,6 +10,8 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, model_validator
 
+from rewardserve.transforms.spec import Advantages, TransformSpec
+
 Truncation = Literal["left", "right", "error"]
 Priority = Literal["interactive", "bulk"]
 
@@ -37,6 +39,9 @@ class Item(Closed):
     group: StrictStr | None = Field(
         None, description="Items with the same group (or the same prompt) are scored together, sharing the prompt."
     )
+    reference: StrictStr | None = Field(
+        None, description="A reference response to the same prompt: the baseline of transforms with baseline "
+                          "'reference' (prompt/response and chat items).")
 
     @model_validator(mode="after")
     def _one_form(self) -> "Item":
@@ -62,6 +67,8 @@ class Item(Closed):
                 raise ValueError("prompt is empty")
         if self.add_special_tokens is not None and self.text is None:
             raise ValueError("add_special_tokens applies to text items only")
+        if self.reference is not None and forms[0] not in ("prompt/response", "messages"):
+            raise ValueError("a reference answers a prompt: it goes with prompt/response or messages items")
         return self
 
 
@@ -83,6 +90,10 @@ class Options(Closed):
     heads: dict[StrictStr, float] | None = Field(
         None, min_length=1, description="reward = sum of weight x head output, by head name (models with several "
                                         "heads; default: the entry's, else head 0).")
+    transform: TransformSpec | None = Field(None, description="Shape the rewards (default: the entry's transform); "
+                                                              "every item keeps its raw_reward.")
+    advantages: Advantages | None = Field(None, description="Also each item's advantage within its group: grpo, "
+                                                            "rloo, median or winrate.")
     timeout: float | None = Field(None, gt=0, description="Seconds this request may take (504 past them; capped by "
                                                           "the server's max_request_timeout_s). The "
                                                           "X-Request-Timeout header sets it too.")
@@ -110,7 +121,8 @@ class BestOfNResponse(BaseModel):
     model: str
     best_index: int
     ranking: list[int] = Field(description="Candidate indices, best first.")
-    rewards: list[float] = Field(description="Rewards in candidate order.")
+    rewards: list[float] = Field(description="Rewards in candidate order (transformed, when a transform applied).")
+    raw_rewards: list[float] | None = Field(None, description="The rewards before the transform, when one applied.")
     margin: float | None = Field(description="Best minus second best (null with one candidate).")
     usage: Usage
 
@@ -148,7 +160,10 @@ class CompareRequest(Options):
 class Comparison(BaseModel):
     reward_a: float
     reward_b: float
-    p_a_better: float = Field(description="Bradley-Terry: sigmoid(reward_a - reward_b).")
+    raw_reward_a: float | None = None
+    raw_reward_b: float | None = None
+    p_a_better: float = Field(description="Bradley-Terry: sigmoid of the raw rewards' difference; with a calibrated "
+                                          "transform, the calibration of it.")
     winner: Literal["a", "b", "tie"]
 
 
@@ -166,6 +181,9 @@ class ItemResult(BaseModel):
                                                                 "normalisation and aggregation.")
     disagreement: float | None = Field(None, description="Ensembles: population std of the aggregated member "
                                                          "rewards.")
+    raw_reward: float | None = Field(None, description="The reward before the transform, when one applied.")
+    advantage: float | None = Field(None, description="The advantage within the item's group, when asked.")
+    group_size: int | None = Field(None, description="The size of that group (1: advantage 0).")
     tokens: int = Field(description="Tokens scored (an ensemble's: summed over its members).")
     truncated: bool
     cached: bool

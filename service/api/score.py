@@ -35,8 +35,8 @@ async def score(body: ScoreRequest, request: Request, response: Response, regist
     ensemble (its members' rewards aggregated)."""
     start = time.perf_counter()
     scorer, results = await score_items(request, registry, body.model, body.items, item_field("items"),
-                                        call_of(body, detect_groups(body.items)),
-                                        body.timeout)
+                                        call_of(body, detect_groups(body.items)), body.timeout, body.transform,
+                                        body.advantages)
     items = [ItemResult(**r.fields()) for r in results]
     response.headers["x-total-time"] = f"{(time.perf_counter() - start) * 1000:.3f}"
     return ScoreResponse(model=scorer.name, rewards=[r.reward for r in results], items=items,

@@ -44,6 +44,7 @@ class Batcher:
         self.model = model_name
         self.lanes: tuple[deque[WorkItem], deque[WorkItem]] = (deque(), deque())
         self.queued_tokens = 0
+        self.waited = 0.0  # EWMA of how long each batch's oldest item waited
         self._arrived = asyncio.Event()
         self._task: asyncio.Task | None = None
 
@@ -77,9 +78,13 @@ class Batcher:
         return items
 
     def expected_wait(self, tokens: int = 0) -> float:
-        """Seconds until the queue, and `tokens` more, are done at the measured rate (0 before it is known)."""
+        """Seconds a request joining now would likely wait: the queue (and `tokens` more) at the measured
+        rate, or what the last batches' oldest items actually waited, whichever is longer (the rate
+        counts only the device's time, so it is optimistic when the host itself is the bottleneck)."""
+        if self.queued_tokens == 0:
+            return 0.0
         rate = self.pool.tokens_per_second
-        return (self.queued_tokens + tokens) / rate if rate > 0 else 0.0
+        return max(self.waited, (self.queued_tokens + tokens) / rate if rate > 0 else 0.0)
 
     def retry_after(self) -> int:
         """Seconds until the current queue has likely drained, from the measured token rate."""
@@ -142,6 +147,9 @@ class Batcher:
         now = time.perf_counter()
         for it in live:
             self.metrics.queue_duration.labels(self.model, it.lane.name).observe(now - it.enqueued)
+        if live:
+            oldest = now - min(it.enqueued for it in live)
+            self.waited = 0.7 * self.waited + 0.3 * oldest
         return live
 
     def _take(self, batch: list[WorkItem], tokens: int) -> bool:

@@ -29,6 +29,7 @@ from rewardserve.runtime import keep_freed_memory
 from rewardserve.scorers.base import Scorer
 from rewardserve.scorers.ensemble import EnsembleScorer
 from rewardserve.scorers.reward_model import RewardModelScorer
+from rewardserve.transforms import fits
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +85,9 @@ class Registry:
             self._loading = None
             for e in self.config.ensembles:
                 self.scorers[e.name] = EnsembleScorer(e, [self.scorers[m] for m in e.members])
+            for section, entries in (("models", self.config.models), ("ensembles", self.config.ensembles)):
+                for i, e in enumerate(entries):
+                    self._shaping(self.scorers[e.name], e, f"{section}[{i}] ({e.name})")
             for b in self._batchers:
                 b.start()
             samples = []
@@ -103,6 +107,18 @@ class Registry:
         self.ready = True
         for name in self.scorers:
             self.metrics.ready.labels(name).set(1)
+
+    @staticmethod
+    def _shaping(scorer: Scorer, entry, where: str) -> None:
+        """The entry's default transform and its fits, read now: a bad file stops the start, named."""
+        scorer.transform = entry.transform
+        for key, kind in (("length_fit", "length"), ("calibration", "calibration")):
+            path = getattr(entry, key)
+            if path is not None:
+                try:
+                    setattr(scorer, key, fits.load(path, kind))
+                except ValueError as exc:
+                    raise ValueError(f"{where}.{key}: {exc}") from None
 
     def _load(self, entry: ModelEntry) -> LoadedModel:
         self._loading = entry.name

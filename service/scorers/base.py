@@ -24,6 +24,8 @@ from rewardserve.models.loading import LoadedModel
 from rewardserve.models.tokenize import ItemLike
 from rewardserve.monitoring.metrics import Metrics
 from rewardserve.monitoring.monitor import RewardMonitor
+from rewardserve.transforms.fits import Calibration, LengthFit
+from rewardserve.transforms.spec import TransformSpec
 
 # Requests with fewer items are tokenised on the event loop: a thread hop costs more than encoding them.
 _INLINE_TOKENIZE_ITEMS = 8
@@ -53,6 +55,9 @@ class Result:
     scores: dict[str, float] | None = None  # every head by name, for models with several
     members: dict[str, float] | None = None  # ensembles: each member's reward
     disagreement: float | None = None  # ensembles: population std of the aggregated member rewards
+    raw_reward: float | None = None  # the reward before a transform (transforms/), when one was applied
+    advantage: float | None = None  # the shaped reward's group advantage, when asked
+    group_size: int | None = None  # the size of the group the advantage came from
 
     def fields(self) -> dict[str, Any]:
         """The fields that apply to this result (None ones left out): what a response item carries."""
@@ -64,6 +69,9 @@ class Scorer(ABC):
     name: str
     labels: list[str]  # what its reward monitor tracks, one series per label
     monitor: RewardMonitor | None = None
+    transform: TransformSpec | None = None  # the entry's default (transforms/spec.py)
+    length_fit: LengthFit | None = None  # the entry's fits, for the length and calibrated transforms
+    calibration: Calibration | None = None
 
     @abstractmethod
     async def score(self, items: Sequence[ItemLike], call: Call) -> list[Result]:

@@ -26,10 +26,7 @@ from rewardserve.api.errors import describe
 from rewardserve.api.limits import Route
 from rewardserve.errors import ServiceError
 from rewardserve.scorers.base import Result, Scorer
-
-
-def sigmoid(x: float) -> float:
-    return 1 / (1 + math.exp(-x)) if x >= 0 else math.exp(x) / (1 + math.exp(x))
+from rewardserve.transforms.fits import sigmoid
 
 
 def activated(values: list[float]) -> list[float]:

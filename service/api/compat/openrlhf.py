@@ -41,7 +41,8 @@ class GetRewardRequest(Closed):
 class GetRewardResponse(Closed):
     rewards: list[float]
     scores: list[float] = Field(description="The same as rewards, as OpenRLHF's own server answers.")
-    extra_logs: dict[str, list[float]] = Field(description="Ensembles: each member's rewards and the disagreement.")
+    extra_logs: dict[str, list[float]] = Field(description="Ensembles: each member's rewards and the disagreement; "
+                                                           "with the entry's transform, raw_reward.")
 
 
 @router.post("/get_reward", response_model=GetRewardResponse, responses=ERROR_RESPONSES)
@@ -59,5 +60,7 @@ async def get_reward(body: GetRewardRequest, request: Request, registry: Registr
     if results[0].members is not None:
         logs = {name: [r.members[name] for r in results] for name in results[0].members}
         logs["disagreement"] = [r.disagreement for r in results]
+    if results[0].raw_reward is not None:  # the entry shapes its rewards: the model's own beside them
+        logs["raw_reward"] = [r.raw_reward for r in results]
     return GetRewardResponse(rewards=rewards, scores=rewards, extra_logs=logs)
 
