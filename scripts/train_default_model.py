@@ -341,15 +341,21 @@ def eval_sets(seed, per_category):
             for name, (ph, st) in spec.items()}
 
 
+def adamw_cosine(params, lr, steps):
+    """AdamW with a linear warmup over the first 5% of steps, then cosine decay to 5% of `lr`."""
+    opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.98), weight_decay=0.01)
+    warmup = max(1, steps // 20)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup) * (
+        0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(1.0, max(0, s - warmup) / max(1, steps - warmup))))))
+    return opt, sched
+
+
 def train(model, tokenizer, args, monitor=None):
     """Bradley-Terry training (+ auxiliary heads), AdamW with linear warmup and cosine decay."""
     rng = random.Random(args.seed)
     aux = AuxHeads(model.config.hidden_size, len(tokenizer), tokenizer.convert_tokens_to_ids("<|assistant|>"))
     params = list(model.parameters()) + list(aux.parameters())
-    opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.98), weight_decay=0.01)
-    warmup = max(1, args.steps // 20)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup) * (
-        0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(1.0, max(0, s - warmup) / max(1, args.steps - warmup))))))
+    opt, sched = adamw_cosine(params, args.lr, args.steps)
     model.train()
     run_bt = run_aux = 0.0
     run_acc, t0 = 0.5, time.time()
@@ -373,16 +379,16 @@ def train(model, tokenizer, args, monitor=None):
     return time.time() - t0
 
 
-def readme_table(report: dict) -> str:
-    """The README's accuracy table, from an eval.json report."""
+def readme_table(report: dict, count: str = "n_pairs", unit: str = "pairs") -> str:
+    """The README's accuracy table, from an eval.json report (`count`: its key of the set sizes)."""
     rows = [("new operands, training phrasings and styles", "test_accuracy"),
             ("held-out phrasings", "heldout_phrasing_accuracy"), ("held-out answer styles", "heldout_style_accuracy"),
             ("held-out phrasings and styles", "heldout_phrasing_and_style_accuracy")]
-    lines = ["| held-out set | overall | add | sub | mul | mul 2x2 | convert | pairs |", "|---" * 8 + "|"]
+    lines = [f"| held-out set | overall | add | sub | mul | mul 2x2 | convert | {unit} |", "|---" * 8 + "|"]
     for label, key in rows:
         acc = report[key]
         cells = [f"{100 * acc['overall']:.1f}%"] + [f"{100 * acc[c]:.0f}%" for c in CATEGORIES]
-        lines.append(f"| {label} | " + " | ".join(cells) + f" | {acc['n_pairs']} |")
+        lines.append(f"| {label} | " + " | ".join(cells) + f" | {acc[count]} |")
     return "\n".join(lines)
 
 

@@ -14,7 +14,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from rewardserve import __version__
-from rewardserve.api import admin, errors, health, rank, score
+from rewardserve.api import admin, errors, health, rank, score, steps
 from rewardserve.api.admission import Admission
 from rewardserve.api.compat import openrlhf, slime, tei, vllm
 from rewardserve.api.security import Auth, KeyRing
@@ -97,8 +97,8 @@ def create_app(settings: ServerSettings | None = None, registry: RegistryConfig 
     app.state.registry = scorers
     app.state.inflight = 0  # HTTP requests being answered (a drain waits for them)
     errors.install(app)
-    routers = (score.router, rank.router, health.router, admin.router, openrlhf.router, vllm.router, slime.router,
-               tei.router)
+    routers = (score.router, steps.router, rank.router, health.router, admin.router, openrlhf.router, vllm.router,
+               slime.router, tei.router)
     for router in routers:
         app.include_router(router)
     paths = {r.path for router in routers for r in router.routes}

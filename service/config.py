@@ -3,9 +3,10 @@
 - `ServerSettings`: HTTP, batching budgets, request limits, cache, monitoring, CPU tuning. Every
   field is an `RS_*` environment variable and a `rewardserve serve` flag (the CLI builds its flags
   from the fields, so the two cannot drift apart).
-- `RegistryConfig`: named entries (`models`, `ensembles`) and the default one, from a YAML file
-  (`--config registry.yaml`, `load_registry`) or, on the quick path, one model entry made of the
-  `--model` flags (`QuickModel`). Entries are validated at start; errors name the entry and the key.
+- `RegistryConfig` (entries.py): named entries (models, ensembles, judges, verifiers, composites) and
+  the default one, from a YAML file (`--config registry.yaml`, `load_registry`) or, on the quick path,
+  one model entry made of the `--model` flags (`QuickModel`). Entries are validated at start; errors
+  name the entry and the key.
 
 Only `cli.py` and `app.py` construct these; components get the small pieces they need.
 """
@@ -17,17 +18,14 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
+from pydantic import Field, ValidationError, create_model
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from rewardserve.transforms.spec import TransformSpec
 
-DEFAULT_MODEL_DIR = Path(__file__).parent / "assets" / "default-rm"
-DEFAULT_MODEL_NAME = "rewardserve-default"
-
-Dtype = Literal["auto", "float32", "bfloat16", "float16"]
-Truncation = Literal["left", "right", "error"]
-Aggregate = Literal["mean", "min", "uwo", "median"]
+from rewardserve.entries import (  # noqa: F401  (the registry's schema, importable from here too)
+    DEFAULT_JUDGE_DIR, DEFAULT_JUDGE_NAME, DEFAULT_MODEL_DIR, DEFAULT_MODEL_NAME, CheckpointEntry, CompositeEntry,
+    EnsembleEntry, JudgeEntry, ModelEntry, RegistryConfig, VerifierEntry, SECTIONS,
+)
 
 
 class ServerSettings(BaseSettings):
@@ -90,6 +88,12 @@ class ServerSettings(BaseSettings):
                           "every batch (a fifth faster here; RSS stays at its peak)."
     )
 
+    # --- verifiers (rule-based rewards, in a process pool) -----------------------------------------
+    verifier_workers: int = Field(0, ge=0, description="Processes checking verifier items (0: one per core, at most "
+                                                       "4).")
+    verifier_max_queued: int = Field(100_000, ge=1, description="Verifier items waiting for a process, beyond which "
+                                                               "requests get 429.")
+
     # --- score cache -------------------------------------------------------------------------
     lru_items: int = Field(100_000, ge=0, description="In-process LRU cache size in items (0 disables it).")
     redis_url: str | None = Field(
@@ -118,154 +122,12 @@ class ServerSettings(BaseSettings):
     warmup: bool = Field(True, description="Run one batch per device and model at start-up before /readyz turns ready.")
 
 
-class Closed(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class ModelEntry(Closed):
-    """One reward model checkpoint, served under `name`."""
-
-    name: str = Field(min_length=1, description="The name requests select it by (`model`).")
-    path: str = Field(str(DEFAULT_MODEL_DIR), min_length=1,
-                      description="Local path or Hugging Face hub id of an AutoModelForSequenceClassification "
-                                  "checkpoint.")
-    dtype: Dtype = Field("auto", description="Weights dtype: auto = bfloat16 on GPU, float32 on CPU.")
-    devices: str = Field("auto", description="'auto' (all visible GPUs, else CPU), 'cpu', or e.g. 'cuda:0,cuda:1'.")
-    max_length: int | None = Field(
-        None, ge=1, description="Longest item in tokens (default: the model's max_position_embeddings)."
-    )
-    truncation: Truncation = Field(
-        "error", description="Policy for over-long items when the request does not say: left, right or error (413)."
-    )
-    backend: Literal["auto", "packed", "hf"] = Field(
-        "auto", description="auto: the packed fast path for Llama/Qwen2/Qwen3/Mistral, else padded HF."
-    )
-    trust_remote_code: bool = Field(False, description="Allow custom modelling code from the checkpoint.")
-    revision: str | None = Field(None, description="Hub revision, when `path` is a hub id.")
-    heads: dict[str, float] | None = Field(
-        None, description="reward = sum of weight x head output, by the checkpoint's id2label names (default: head 0)."
-    )
-    max_batch_tokens: int | None = Field(None, ge=1, description="This model's batch token budget (default: the "
-                                                                 "server's max_batch_tokens).")
-    transform: TransformSpec | None = Field(None, description="The default reward transform of its requests.")
-    length_fit: str | None = Field(None, description="A length fit (`rewardserve calibrate length`), for the length "
-                                                     "transform.")
-    calibration: str | None = Field(None, description="A calibration (`rewardserve calibrate pairs`), for the "
-                                                      "calibrated transform.")
-
-    @field_validator("heads")
-    @classmethod
-    def _some_heads(cls, heads: dict[str, float] | None) -> dict[str, float] | None:
-        if heads is not None and not heads:
-            raise ValueError("name at least one head, or leave heads out for head 0")
-        return heads
-
-    @model_validator(mode="after")
-    def _fits(self):
-        return _check_fits(self)
-
-
-def _check_fits(entry):
-    """A default transform that needs a fit names one."""
-    kind = entry.transform.kind if entry.transform is not None else None
-    if kind == "length" and entry.length_fit is None:
-        raise ValueError("transform: the length transform needs the entry's length_fit")
-    if kind == "calibrated" and entry.calibration is None:
-        raise ValueError("transform: the calibrated transform needs the entry's calibration")
-    return entry
-
-
-class MemberStats(Closed):
-    mean: float
-    std: float = Field(gt=0)
-
-
-class EnsembleEntry(Closed):
-    """Several model entries scored together and aggregated into one reward."""
-
-    name: str = Field(min_length=1)
-    members: list[str] = Field(min_length=2, description="Names of model entries.")
-    aggregate: Aggregate = Field("mean", description="mean | min (worst case) | uwo (mean - lambda var) | median")
-    lambda_: float | None = Field(None, alias="lambda", ge=0, description="uwo only: the weight of the variance.")
-    normalize: bool = Field(False, description="Standardise each member's rewards with its `stats` first.")
-    stats: dict[str, MemberStats] | None = Field(None, description="Per member: mean and std of its rewards.")
-    transform: TransformSpec | None = Field(None, description="The default reward transform of its requests.")
-    length_fit: str | None = Field(None, description="A length fit of this ensemble's rewards.")
-    calibration: str | None = Field(None, description="A calibration of this ensemble's rewards.")
-
-    model_config = ConfigDict(extra="forbid", populate_by_name=True)
-
-    @model_validator(mode="after")
-    def _check(self) -> "EnsembleEntry":
-        _check_fits(self)
-        if len(set(self.members)) != len(self.members):
-            raise ValueError(f"members: {self.members} names a model twice")
-        if self.aggregate == "uwo" and self.lambda_ is None:
-            raise ValueError("lambda: uwo needs lambda, the weight of the variance penalty (mean - lambda * var)")
-        if self.aggregate != "uwo" and self.lambda_ is not None:
-            raise ValueError(f"lambda: applies to aggregate uwo only, not {self.aggregate}")
-        if self.normalize:
-            missing = [m for m in self.members if m not in (self.stats or {})]
-            if missing:
-                raise ValueError(f"stats: normalize needs the mean and std of every member; missing {missing}")
-        if self.stats is not None:
-            if not self.normalize:
-                raise ValueError("stats: used only with normalize: true")
-            extra = sorted(set(self.stats) - set(self.members))
-            if extra:
-                raise ValueError(f"stats: {extra} are not members")
-        return self
-
-
-class RegistryConfig(Closed):
-    """Every scorer one process serves."""
-
-    default: str | None = Field(None, description="The entry used when a request names none (else the first model).")
-    models: list[ModelEntry] = Field(min_length=1)
-    ensembles: list[EnsembleEntry] = Field(default_factory=list)
-
-    @model_validator(mode="after")
-    def _check(self) -> "RegistryConfig":
-        seen: dict[str, str] = {}
-        for section, entries in (("models", self.models), ("ensembles", self.ensembles)):
-            for i, e in enumerate(entries):
-                if e.name in seen:
-                    raise ValueError(f"{section}[{i}] ({e.name}).name: {e.name!r} is already the name of "
-                                     f"{seen[e.name]}")
-                seen[e.name] = f"{section}[{i}]"
-        models = [m.name for m in self.models]
-        for i, e in enumerate(self.ensembles):
-            for m in e.members:
-                if m not in models:
-                    raise ValueError(f"ensembles[{i}] ({e.name}).members: {m!r} is not a model entry; "
-                                     f"the models are {models}")
-        if self.default is not None and self.default not in seen:
-            raise ValueError(f"default: {self.default!r} is not an entry; the entries are {list(seen)}")
-        return self
-
-    @property
-    def default_name(self) -> str:
-        return self.default or self.models[0].name
-
-    @property
-    def names(self) -> list[str]:
-        return [e.name for e in (*self.models, *self.ensembles)]
-
-    def check(self, server: ServerSettings) -> None:
-        """What depends on the server settings too; raises ValueError naming the entry and key."""
-        for i, m in enumerate(self.models):
-            budget = m.max_batch_tokens or server.max_batch_tokens
-            if m.max_length is not None and m.max_length > budget:
-                raise ValueError(f"models[{i}] ({m.name}).max_length: {m.max_length} exceeds the batch token budget "
-                                 f"({budget}): the longest item must fit in one batch")
-
-
 def registry_errors(exc: ValidationError, raw: Any) -> list[str]:
     """Pydantic's errors as `models[1] (rm-b).dtype: message` lines: the entry by position and name."""
     lines = []
     for e in exc.errors():
         loc, where = list(e["loc"]), ""
-        if len(loc) >= 2 and loc[0] in ("models", "ensembles") and isinstance(loc[1], int):
+        if len(loc) >= 2 and loc[0] in SECTIONS and isinstance(loc[1], int):
             try:
                 name = raw[loc[0]][loc[1]].get("name")
             except (KeyError, IndexError, TypeError, AttributeError):
@@ -275,8 +137,8 @@ def registry_errors(exc: ValidationError, raw: Any) -> list[str]:
         key = ".".join(str(p) for p in loc)
         msg = str(e["msg"]).removeprefix("Value error, ")
         named = re.match(r"([A-Za-z_][\w.]*): (.*)", msg, re.S)  # an entry's own check names its key first
-        if named and not key:
-            key, msg = named.groups()
+        if named:
+            key, msg = ".".join(p for p in (key, named.group(1)) if p), named.group(2)
         path = ".".join(p for p in (where, key) if p)
         lines.append(f"{path}: {msg}" if path else msg)
     return lines
@@ -347,7 +209,12 @@ def quick(**values: Any) -> tuple[ServerSettings, RegistryConfig]:
             raise ValueError(f"{names}: per-model settings; with --config, set them in the registry's entries")
         registry = load_registry(server.config)
     else:
-        registry = RegistryConfig(models=[QuickModel(**model_values).entry()])
+        entry = QuickModel(**model_values).entry()
+        judges = []
+        if entry.name == DEFAULT_MODEL_NAME:  # with no model named, the embedded judge comes along
+            judges.append(JudgeEntry(name=DEFAULT_JUDGE_NAME, dtype=entry.dtype, devices=entry.devices,
+                                     backend=entry.backend))
+        registry = RegistryConfig(models=[entry], judges=judges)
     registry.check(server)
     return server, registry
 

@@ -30,6 +30,12 @@ class ServiceError(Exception):
         err.index, err.field, err.part = index, field, None
         return err
 
+    def moved(self, index: int, part: str | None) -> "ServiceError":
+        """The same error about another item (a scorer that expanded its items maps them back)."""
+        err = copy.copy(self)
+        err.index, err.part = index, part
+        return err
+
     def reworded(self, message: str) -> "ServiceError":
         err = copy.copy(self)
         err.message, err.args = message, (message,)

@@ -22,7 +22,9 @@ import pathlib
 import torch
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 from transformers import (
+    AutoModelForCausalLM,
     AutoModelForSequenceClassification,
+    AutoModelForTokenClassification,
     Gemma2Config,
     GPT2Config,
     LlamaConfig,
@@ -136,6 +138,7 @@ def build_tokenizer(
     chat_template: bool = True,
     bos: bool = True,
     bpe_vocab: int = VOCAB_SIZE,
+    added_tokens: tuple[str, ...] = (),
 ) -> PreTrainedTokenizerFast:
     """Return a fresh ``PreTrainedTokenizerFast`` wrapping the cached trained BPE.
 
@@ -145,6 +148,8 @@ def build_tokenizer(
     tok = Tokenizer.from_str(_base_tokenizer(bpe_vocab).to_str())  # independent copy
     if pad_token:
         tok.add_special_tokens([PAD])
+    if added_tokens:  # whole tokens (a judge's verdicts, a step tag), after every other id
+        tok.add_tokens(list(added_tokens))
     bos_id = tok.token_to_id(BOS)
     if bos:
         tok.post_processor = processors.TemplateProcessing(
@@ -265,15 +270,20 @@ def build_checkpoint(
     seed: int = 0,
     dtype=torch.float32,
     bpe_vocab: int = VOCAB_SIZE,
+    head: str = "sequence",
+    added_tokens: tuple[str, ...] = (),
     **config_overrides,
 ) -> pathlib.Path:
     """Build and save (safetensors + tokenizer) a tiny random reward model; return ``path``.
-    ``bpe_vocab`` other than the default gives the checkpoint a tokenizer of its own (other ids)."""
+    ``bpe_vocab`` other than the default gives the checkpoint a tokenizer of its own (other ids).
+    ``head``: "sequence" (a reward model), "causal" (a causal LM: judges, label-token PRMs) or
+    "token" (a token-classification PRM); ``added_tokens`` become whole tokens of its tokenizer."""
     if arch not in ARCHS:
         raise ValueError(f"unknown arch {arch!r}; expected one of {ARCHS}")
     path = pathlib.Path(path)
     tokenizer = build_tokenizer(
-        pad_token=pad_token, padding_side=padding_side, chat_template=chat_template, bpe_vocab=bpe_vocab
+        pad_token=pad_token, padding_side=padding_side, chat_template=chat_template, bpe_vocab=bpe_vocab,
+        added_tokens=tuple(added_tokens),
     )
     ids = dict(
         pad_token_id=tokenizer.pad_token_id if pad_token else None,
@@ -283,7 +293,9 @@ def build_checkpoint(
     config = _tiny_config(arch, len(tokenizer), ids, num_labels, config_overrides)
 
     torch.manual_seed(seed)
-    model = AutoModelForSequenceClassification.from_config(config, dtype=torch.float32)
+    auto = {"sequence": AutoModelForSequenceClassification, "causal": AutoModelForCausalLM,
+            "token": AutoModelForTokenClassification}[head]
+    model = auto.from_config(config, dtype=torch.float32)
     _reinit_(model, seed, gemma_norm=(arch == "gemma2"))
     model = model.to(dtype).eval()
 

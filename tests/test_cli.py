@@ -87,3 +87,26 @@ def test_offline_score_with_a_registry_entry(tiny_ckpt, tmp_path):
         assert row["reward"] == min(row["members"].values()) and row["members"]["b"] == pytest.approx(b["reward"])
     proc = _run_score(["--config", str(reg), "--entry", "nope", "-q"], lines)
     assert proc.returncode != 0 and b"--entry 'nope' is not in the registry" in proc.stderr
+
+
+def test_offline_score_with_verifiers_judges_and_composites(tiny_ckpt, tmp_path):
+    judge = tiny_ckpt("llama", head="causal", added_tokens=("Yes", "No", "<step>"))
+    reg = tmp_path / "registry.yaml"
+    reg.write_text(f"models:\n  - name: rm\n    path: {tiny_ckpt('llama')}\n"
+                   f"judges:\n  - name: judge\n    path: {judge}\n"
+                   "verifiers:\n  - name: math\n    type: math\n"
+                   "composites:\n  - name: hybrid\n    components: {ok: math, rm: rm, j: judge}\n"
+                   "    total: ok + 0.1 * rm\n    gates: {j: {on: ok, at_least: 1}}\n")
+    lines = [{"id": 0, "prompt": "What is 2 + 2?", "response": "It is \\boxed{4}", "ground_truth": "4"},
+             {"id": 1, "prompt": "What is 2 + 2?", "response": "5", "label": "4"},
+             {"id": 2, "prompt": "What is 2 + 2?", "response": "4"}]
+    proc = _run_score(["--config", str(reg), "--entry", "hybrid", "-q"],
+                      b"\n".join(json.dumps(x).encode() for x in lines))
+    assert proc.returncode == 1 and b"1 line(s) could not be scored" in proc.stderr  # the one without a reference
+    rows = [json.loads(x) for x in proc.stdout.decode().splitlines()]
+    assert [r["components"]["ok"] for r in rows[:2]] == [1.0, 0.0] and rows[1]["gated"] == ["j"]
+    assert rows[0]["reasons"] == {"ok": "correct"} and rows[0]["ground_truth"] == "4"  # input fields pass through
+    assert rows[2]["error"]["type"] == "invalid_input" and "reference" in rows[2]["error"]["message"]
+    judged = [json.loads(x) for x in _run_score(["--config", str(reg), "--entry", "judge", "-q"],
+                                                b"\n".join(json.dumps(x).encode() for x in lines)).stdout.splitlines()]
+    assert all(0 < r["p_yes"] < 1 for r in judged)

@@ -8,7 +8,8 @@ import pytest
 
 from rewardserve.cli import build_parser, settings_from_args
 from rewardserve.config import (
-    DEFAULT_MODEL_DIR, DEFAULT_MODEL_NAME, RegistryConfig, ServerSettings, load_registry, quick,
+    DEFAULT_JUDGE_DIR, DEFAULT_JUDGE_NAME, DEFAULT_MODEL_DIR, DEFAULT_MODEL_NAME, RegistryConfig, ServerSettings,
+    load_registry, quick,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -35,6 +36,37 @@ def _write(tmp_path, text: str, name: str = "registry.yaml") -> Path:
     return path
 
 
+NEW_KINDS_SHAPE = """
+models:
+  - name: rm-a
+    path: /models/a
+judges:
+  - name: judge
+    path: /models/judge-lm
+    template: "Question: {{ prompt }}\\nAnswer: {{ response }}\\nIs the answer correct?"
+    verdict: {yes: "Yes", no: "No"}     # single tokens, checked at start
+verifiers:
+  - name: math
+    type: math                         # math | exact | regex | json_schema
+composites:
+  - name: hybrid
+    components: {correct: math, quality: rm-a}
+    total: "correct + 0.2 * par(quality)"   # or an equivalent structured form
+    gates: {quality: {on: correct, at_least: 1}}
+"""
+
+
+def test_the_issue_shape_of_judges_verifiers_and_composites_loads_as_written(tmp_path):
+    reg = load_registry(_write(tmp_path, NEW_KINDS_SHAPE))  # PyYAML reads yes, no and on as booleans
+    assert reg.names == ["rm-a", "judge", "math", "hybrid"] and reg.default_name == "rm-a"
+    [judge] = reg.judges
+    assert (judge.verdict.yes, judge.verdict.no) == ("Yes", "No") and judge.template.endswith("correct?")
+    assert "\n" in judge.template and reg.verifiers[0].type == "math"
+    [hybrid] = reg.composites
+    assert hybrid.gates["quality"].on == "correct" and hybrid.gates["quality"].at_least == 1
+    assert load_registry(ROOT / "deploy" / "examples" / "hybrid" / "registry.yaml").default_name == "hybrid"
+
+
 def test_the_documented_shape_and_the_deploy_example_load(tmp_path):
     reg = load_registry(_write(tmp_path, ISSUE_SHAPE))
     assert reg.default_name == "rm-a" and reg.names == ["rm-a", "rm-b", "both"]
@@ -55,7 +87,27 @@ BAD = [
     ("models:\n  - name: a\n    max_length: 0\n", r"models\[0\] \(a\)\.max_length: Input should be greater"),
     ("models:\n  - name: a\n    heads: {}\n", r"models\[0\] \(a\)\.heads: name at least one head"),
     ("models:\n  - name: a\n  - name: a\n", r"models\[1\] \(a\)\.name: 'a' is already the name of models\[0\]"),
-    ("models: []\n", r"models: List should have at least 1 item"),
+    ("models: []\n", r"models: the registry serves nothing: give at least one entry"),
+    ("judges:\n  - name: j\n    truncation: right\n",
+     r"judges\[0\] \(j\)\.truncation: a judge's verdict follows its question"),
+    ("judges:\n  - name: j\n    verdict: {yes: Yes, no: No}\n",
+     r"judges\[0\] \(j\)\.verdict\.yes: YAML read the token as the boolean True: quote it"),
+    ("judges:\n  - name: j\n    colour: red\n", r"judges\[0\] \(j\)\.colour: Extra inputs are not permitted"),
+    ("verifiers:\n  - name: v\n    type: regex\n", r"verifiers\[0\] \(v\)\.pattern: a regex verifier needs a pattern"),
+    ("verifiers:\n  - name: v\n    type: regex\n    pattern: '(unclosed'\n", r"verifiers\[0\] \(v\)\.pattern: "),
+    ("verifiers:\n  - name: v\n    type: json_schema\n    schema: {type: 12}\n", r"verifiers\[0\] \(v\)\.schema: "),
+    ("verifiers:\n  - name: v\n    type: sql\n", r"verifiers\[0\] \(v\)\.type: Input should be 'math'"),
+    ("verifiers:\n  - name: v\n    type: math\n    timeout_s: 0\n", r"verifiers\[0\] \(v\)\.timeout_s: Input should"),
+    ("models:\n  - name: a\ncomposites:\n  - name: c\n    components: {x: a}\n    total: x +\n",
+     r"composites\[0\] \(c\)\.total: 'x \+' does not parse"),
+    ("models:\n  - name: a\ncomposites:\n  - name: c\n    components: {x: b}\n    total: x\n",
+     r"composites\[0\] \(c\)\.components\.x: 'b' is not an entry a composite can use"),
+    ("models:\n  - name: a\ncomposites:\n  - name: c\n    components: {x: a}\n    total: x\n"
+     "    gates: {x: {on: y, at_least: 1}}\n", r"composites\[0\] \(c\)\.gates\.x\.on: 'y' is not another component"),
+    ("models:\n  - name: a\n    process: {step_tag: t}\n    heads: {LABEL_0: 1}\n",
+     r"models\[0\] \(a\)\.heads: a process reward model"),
+    ("models:\n  - name: a\nverifiers:\n  - name: a\n    type: exact\n",
+     r"verifiers\[0\] \(a\)\.name: 'a' is already the name of models\[0\]"),
     ("models:\n  - name: a\nensembles:\n  - name: e\n    members: [a, c]\n",
      r"ensembles\[0\] \(e\)\.members: 'c' is not a model entry; the models are \['a'\]"),
     ("models:\n  - name: a\n  - name: b\nensembles:\n  - name: e\n    members: [a, b]\n    aggregate: uwo\n",
@@ -96,10 +148,12 @@ def test_checks_against_the_server_settings_name_the_entry(tmp_path):
 
 
 def test_the_quick_path_is_a_one_entry_registry(monkeypatch):
-    server, reg = quick()
-    assert reg.names == [DEFAULT_MODEL_NAME] and Path(reg.models[0].path) == DEFAULT_MODEL_DIR
+    server, reg = quick()  # no model named: the embedded reward model and, beside it, the embedded judge
+    assert reg.names == [DEFAULT_MODEL_NAME, DEFAULT_JUDGE_NAME] and Path(reg.models[0].path) == DEFAULT_MODEL_DIR
+    assert reg.default_name == DEFAULT_MODEL_NAME and Path(reg.judges[0].path) == DEFAULT_JUDGE_DIR
     server, reg = quick(model="/models/my-rm", dtype="bfloat16", default_truncation="left", max_wait_ms=7)
     [entry] = reg.models
+    assert reg.judges == []
     assert (entry.name, entry.path, entry.dtype, entry.truncation) == ("my-rm", "/models/my-rm", "bfloat16", "left")
     assert server.max_wait_ms == 7
     assert quick(model="/models/my-rm", served_name="prod")[1].default_name == "prod"

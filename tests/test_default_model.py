@@ -4,6 +4,7 @@ as any checkpoint, and the service reproduces the training script's held-out eva
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -14,10 +15,11 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from rewardserve.bench.proc import free_port
-from rewardserve.config import DEFAULT_MODEL_DIR, DEFAULT_MODEL_NAME
+from rewardserve.config import DEFAULT_JUDGE_DIR, DEFAULT_JUDGE_NAME, DEFAULT_MODEL_DIR, DEFAULT_MODEL_NAME
 from tests.conftest import attention_kernel_builds
 
 EVAL = json.loads((DEFAULT_MODEL_DIR / "eval.json").read_text())
+JUDGE_EVAL = json.loads((DEFAULT_JUDGE_DIR / "eval.json").read_text())
 
 
 @pytest.fixture(scope="module")
@@ -42,14 +44,46 @@ def default_server():
         proc.wait(30)
 
 
-def test_serve_with_no_arguments_serves_the_embedded_model(default_server):
-    [card] = httpx.get(default_server + "/v1/models").json()["data"]
+def test_serve_with_no_arguments_serves_the_embedded_models(default_server):
+    card, judge = httpx.get(default_server + "/v1/models").json()["data"]
     assert card["id"] == DEFAULT_MODEL_NAME and card["architecture"] == "LlamaForSequenceClassification"
     assert card["backend"] == "packed" and card["source"] == str(DEFAULT_MODEL_DIR)
     assert card["attention"] == ("C++ kernel" if attention_kernel_builds() else "SDPA")  # make test installs g++
-    files = {p.name for p in DEFAULT_MODEL_DIR.iterdir()}
-    assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"} <= files
-    assert sum(p.stat().st_size for p in DEFAULT_MODEL_DIR.iterdir()) < 20 * 2**20  # a few MB
+    assert judge["id"] == DEFAULT_JUDGE_NAME and judge["kind"] == "judge" and judge["backend"] == "packed"
+    assert judge["architecture"] == "LlamaForCausalLM" and judge["source"] == str(DEFAULT_JUDGE_DIR)
+    for folder in (DEFAULT_MODEL_DIR, DEFAULT_JUDGE_DIR):
+        files = {p.name for p in folder.iterdir()}
+        assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"} <= files
+        assert sum(p.stat().st_size for p in folder.iterdir()) < 20 * 2**20  # a few MB
+    # a request that names no model gets the reward model
+    assert httpx.post(default_server + "/v1/score", json={"items": [{"text": "hi"}]}).json()["model"] == \
+        DEFAULT_MODEL_NAME
+
+
+def test_service_reproduces_the_judges_held_out_evaluation(default_server):
+    """The judge's held-out items (from its training script's generator) through /v1/score: the accuracy
+    of P(yes) > 0.5 is what eval.json reports, and at least 95%."""
+    sys.path.insert(0, str(DEFAULT_MODEL_DIR.parents[2]))
+    from scripts.train_default_judge import judge_eval_sets
+
+    items = judge_eval_sets(JUDGE_EVAL["seed"], JUDGE_EVAL["eval_per_category"])["test"]
+    body = {"model": DEFAULT_JUDGE_NAME, "cache": False,
+            "items": [{"prompt": prompt, "response": response} for prompt, response, _, _ in items]}
+    results = httpx.post(default_server + "/v1/score", json=body, timeout=600).json()["items"]
+    right = [(r["reward"] > 0) == label for r, (_, _, label, _) in zip(results, items)]
+    accuracy = sum(right) / len(right)
+    assert len(right) == JUDGE_EVAL["test_accuracy"]["n_items"] >= 4000
+    assert accuracy == pytest.approx(JUDGE_EVAL["test_accuracy"]["overall"], abs=0.005)  # same items, same maths
+    assert accuracy >= 0.95  # the issue's target on held-out items
+    assert all(r["p_yes"] == pytest.approx(1 / (1 + math.exp(-r["reward"]))) for r in results[:50])
+
+
+def test_judge_eval_report_and_the_readme_table():
+    sys.path.insert(0, str(DEFAULT_MODEL_DIR.parents[2]))
+    from scripts.train_default_judge import readme_table
+
+    assert JUDGE_EVAL["test_accuracy"]["overall"] >= 0.95
+    assert readme_table(JUDGE_EVAL) in (DEFAULT_MODEL_DIR.parents[2] / "README.md").read_text()
 
 
 def test_service_reproduces_the_held_out_evaluation(default_server):

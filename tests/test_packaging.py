@@ -39,6 +39,7 @@ def test_wheel_holds_one_top_level_package_with_every_subpackage_and_data(tmp_pa
             assert (path in names) is not path.startswith("rewardserve/client/"), path
     assert "rewardserve/kernels/attention_cpu.cpp" in names
     assert "rewardserve/assets/default-rm/model.safetensors" in names
+    assert "rewardserve/assets/default-judge/model.safetensors" in names and "rewardserve/verifiers/pool.py" in names
     entry = next(n for n in names if n.endswith("entry_points.txt"))
     assert "rewardserve = rewardserve.cli:main" in zipfile.ZipFile(wheel).read(entry).decode()
 

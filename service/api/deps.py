@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import Annotated, Callable, Sequence
+from typing import Annotated, Awaitable, Callable, Sequence
 
 from fastapi import Depends, Request
 
@@ -76,19 +76,26 @@ async def score_items(request: Request, registry: Registry, model: str | None, i
     deadline (`timeout`: the body's own), its token limit and its caller's quota, shaped by
     `transform` (else the entry's) and with `advantages` when asked; an error about one item names it
     by `locate`."""
+    return await run_scoring(request, registry, model, len(items), locate, call, timeout,
+                             lambda scorer: score_shaped(scorer, items, call, transform, advantages))
+
+
+async def run_scoring(request: Request, registry: Registry, model: str | None, n_items: int, locate: Locate,
+                      call: Call, timeout: float | None, work: Callable[[Scorer], Awaitable[list[Result]]]
+                      ) -> tuple[Scorer, list[Result]]:
+    """`work(scorer)` for `n_items` items under the request's limits, deadline, quota and disconnection."""
     scorer = pick(request, registry, model)
     settings = registry.settings
     limit = settings.max_items_per_request
-    if len(items) > limit:
-        raise RequestTooLarge(f"request expands to {len(items)} items, more than max_items_per_request ({limit})")
+    if n_items > limit:
+        raise RequestTooLarge(f"request expands to {n_items} items, more than max_items_per_request ({limit})")
     seconds, source = timeout_of(request, settings, timeout)
     if seconds is not None:
         call.ticket.deadline = time.monotonic() + seconds
     tenant = request.scope.get("state", {}).get("tenant")
     call.meter = Meter(settings.max_request_tokens, tenant.charge_tokens if tenant is not None else None)
     try:
-        work = score_shaped(scorer, items, call, transform, advantages)
-        results = await unless_disconnected(request, work, seconds)
+        results = await unless_disconnected(request, work(scorer), seconds)
     except asyncio.TimeoutError:
         raise DeadlineExceeded(f"the request's deadline of {seconds:g} s (from {source}) passed; what it still had "
                                "queued was dropped") from None

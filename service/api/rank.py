@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Request
 
-from rewardserve.api.deps import RegistryDep, call_of, score_items
+from rewardserve.api.deps import RegistryDep, call_of, run_scoring, score_items
 from rewardserve.api.limits import Route
 from rewardserve.api.schemas import (
     ERROR_RESPONSES, BestOfNRequest, BestOfNResponse, CompareRequest, CompareResponse, Comparison, Usage, item,
 )
-from rewardserve.errors import RequestTooLarge
+from rewardserve.errors import InvalidInput, RequestTooLarge
+from rewardserve.scorers.judge import JudgeScorer
 from rewardserve.transforms.fits import sigmoid
 
 router = APIRouter(tags=["ranking"], route_class=Route)
@@ -22,10 +23,11 @@ async def best_of_n(body: BestOfNRequest, request: Request, registry: RegistryDe
     if len(body.candidates) > limit:
         raise RequestTooLarge(f"candidates holds {len(body.candidates)} responses, more than max_candidates ({limit})")
     if body.prompt is not None:
-        items = [item(prompt=body.prompt, response=c) for c in body.candidates]
+        items = [item(prompt=body.prompt, response=c, reference=body.reference) for c in body.candidates]
     else:
         chat = [m.model_dump() for m in body.messages]
-        items = [item(messages=chat + [{"role": "assistant", "content": c}]) for c in body.candidates]
+        items = [item(messages=chat + [{"role": "assistant", "content": c}], reference=body.reference)
+                 for c in body.candidates]
     scorer, scored = await score_items(request, registry, body.model, items, lambda i, part: (i, f"candidates[{i}]"),
                                        call_of(body, [list(range(len(items)))]), body.timeout, body.transform)
     rewards = [s.reward for s in scored]  # shaped, when a transform applied: the ranking follows them
@@ -38,17 +40,21 @@ async def best_of_n(body: BestOfNRequest, request: Request, registry: RegistryDe
 
 @router.post("/v1/compare", response_model=CompareResponse, responses=ERROR_RESPONSES)
 async def compare(body: CompareRequest, request: Request, registry: RegistryDep) -> CompareResponse:
-    """Bradley-Terry preference between two responses to the same prompt, for one pair or a list."""
+    """Bradley-Terry preference between two responses to the same prompt, for one pair or a list; a judge
+    with pairwise judging is asked which is better, in both orders."""
     pairs = body.pairs if body.pairs is not None else [body]
-    items, groups = [], []
+    groups = [[2 * k, 2 * k + 1] for k in range(len(pairs))]
+    target = registry.get(body.model)
+    if isinstance(target, JudgeScorer) and target.pairwise:
+        return await _judge_pairs(body, pairs, groups, request, registry)
+    items = []
     for p in pairs:
-        groups.append([len(items), len(items) + 1])
-        # each response is the other's reference: a 'reference' baseline compares the two (computed once)
-        items += [item(prompt=p.prompt, response=r, reference=o) for r, o in ((p.a, p.b), (p.b, p.a))]
-    def locate(i: int, part: str | None) -> tuple[int | None, str]:
-        side = "ab"[i % 2]
-        return (i // 2, f"pairs[{i // 2}].{side}") if body.pairs is not None else (None, side)
-
+        # without a reference answer each response is the other's: a 'reference' baseline compares the two
+        # (computed once); a scorer that checks against ground truth needs the real one
+        items += [item(prompt=p.prompt, response=r,
+                       reference=p.reference if p.reference is not None or target.uses_reference else o)
+                  for r, o in ((p.a, p.b), (p.b, p.a))]
+    locate = _locate(body)
     scorer, scored = await score_items(request, registry, body.model, items, locate, call_of(body, groups),
                                        body.timeout, body.transform)
     spec = body.transform or scorer.transform
@@ -68,3 +74,32 @@ async def compare(body: CompareRequest, request: Request, registry: RegistryDep)
         results.append(Comparison(reward_a=a.reward, reward_b=b.reward, raw_reward_a=a.raw_reward,
                                   raw_reward_b=b.raw_reward, p_a_better=p_a, winner=winner))
     return CompareResponse(model=scorer.name, results=results, usage=Usage(tokens=sum(s.tokens for s in scored)))
+
+
+def _locate(body: CompareRequest):
+    def locate(i: int, part: str | None) -> tuple[int | None, str]:
+        side = "ab"[i % 2]
+        return (i // 2, f"pairs[{i // 2}].{side}") if body.pairs is not None else (None, side)
+
+    return locate
+
+
+async def _judge_pairs(body: CompareRequest, pairs, groups, request: Request, registry) -> CompareResponse:
+    """A pairwise judge: its mean log-odds over both orders that a is better, split as +-half into the two
+    rewards (so that p_a_better = sigmoid(reward_a - reward_b), as for reward models)."""
+    if body.transform is not None or body.length_tie is not None or body.heads is not None:
+        field = "transform" if body.transform is not None else "length_tie" if body.length_tie else "heads"
+        raise InvalidInput(f"{field}: a pairwise judge gives a preference, not rewards to shape or weigh",
+                           field=field)
+    call = call_of(body, groups)
+    asked = [(p.prompt, p.a, p.b) for p in pairs]
+    scorer, judged = await run_scoring(request, registry, body.model, 2 * len(pairs), lambda i, part: (
+        (i, f"pairs[{i}]") if body.pairs is not None else (None, "prompt")), call, body.timeout,
+        lambda scorer: scorer.compare(asked, call))
+    results = []
+    for first, swapped, r in judged:
+        p_a = sigmoid(r.reward)
+        winner = "a" if p_a > 0.5 else "b" if p_a < 0.5 else "tie"
+        results.append(Comparison(reward_a=r.reward / 2, reward_b=-r.reward / 2, p_a_better=p_a, winner=winner,
+                                  position_log_odds=[first, swapped]))
+    return CompareResponse(model=scorer.name, results=results, usage=Usage(tokens=sum(r.tokens for _, _, r in judged)))

@@ -53,8 +53,12 @@ class KeyMaker:
         self.prefix = prefix.encode()
 
     def key(self, ids: list[int]) -> bytes:
+        return self.key_bytes(array("q", ids).tobytes())
+
+    def key_bytes(self, data: bytes) -> bytes:
+        """The key of any input (a verifier's response and reference)."""
         h = hashlib.blake2b(self.namespace, digest_size=16)
-        h.update(array("q", ids).tobytes())
+        h.update(data)
         return self.prefix + h.hexdigest().encode()
 
 

@@ -144,6 +144,20 @@ class AsyncRewardClient:
             body["length_tie"] = length_tie
         return (await self.post("/v1/compare", body, timeout=timeout))["results"]
 
+    async def score_steps(self, steps: Sequence[str] | None = None, *, prompt: str | None = None,
+                          messages: list[dict] | None = None, solutions: list[dict] | None = None,
+                          aggregate: str | None = None, separator: str | None = None, model: str | None = None,
+                          timeout: float | None = None, **options: Any) -> list[dict]:
+        """Step rewards: one solution (prompt or messages, and steps) or `solutions` of {prompt|messages,
+        steps}; one {reward, step_rewards, ...} per solution."""
+        body = self._options(model, options | {"aggregate": aggregate, "separator": separator})
+        if solutions is not None:
+            body["solutions"] = solutions
+        else:
+            body |= {k: v for k, v in (("prompt", prompt), ("messages", messages)) if v is not None}
+            body["steps"] = list(steps or [])
+        return (await self.post("/v1/score_steps", body, timeout=timeout))["results"]
+
     async def models(self) -> list[dict]:
         """Every entry the server serves (its /v1/models cards)."""
         return (await self.get("/v1/models"))["data"]
@@ -193,6 +207,9 @@ class RewardClient:
 
     def compare(self, prompt: str | None = None, a: str | None = None, b: str | None = None, **kw: Any) -> list[dict]:
         return self._run(self.aio.compare(prompt, a, b, **kw))
+
+    def score_steps(self, steps: Sequence[str] | None = None, **kw: Any) -> list[dict]:
+        return self._run(self.aio.score_steps(steps, **kw))
 
     def models(self) -> list[dict]:
         return self._run(self.aio.models())

@@ -1,22 +1,27 @@
 """The registry: every scorer a process serves, by name, and everything they run on.
 
-`start()` loads the model entries onto their devices (off the event loop), gives each model its own
-queue, scheduler and cache view on the shared device workers and cache tiers, builds the ensembles
-over them, warms every model up and then starts the reward monitors. `get(name)` is what routes use.
+`start()` builds the entries in order: it loads the checkpoints of models and judges onto their
+devices (off the event loop) and gives each its own queue, scheduler and cache view on the shared
+device workers and cache tiers; builds ensembles over models, verifiers over one shared process
+pool, composites over any of those; warms every model up and then starts the reward monitors.
+`get(name)` is what routes use.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
+import os
 
+import orjson
 import torch
 
 from rewardserve.cache.keys import KeyMaker, model_fingerprint
 from rewardserve.cache.lru import LRU
 from rewardserve.cache.redis_tier import RedisTier
 from rewardserve.cache.tiered import ScoreCache
-from rewardserve.config import ModelEntry, RegistryConfig, ServerSettings
+from rewardserve.config import CheckpointEntry, JudgeEntry, ModelEntry, RegistryConfig, ServerSettings
 from rewardserve.engine.batcher import Batcher, Budgets
 from rewardserve.engine.scheduler import ModelRunner
 from rewardserve.engine.workers import Devices, ModelWorkers
@@ -26,9 +31,15 @@ from rewardserve.monitoring.drift import fitted_buckets
 from rewardserve.monitoring.metrics import Metrics
 from rewardserve.monitoring.monitor import RewardMonitor
 from rewardserve.runtime import keep_freed_memory
-from rewardserve.scorers.base import Scorer
+from rewardserve.scorers.base import ModelScorer, Scorer
+from rewardserve.scorers.composite import CompositeScorer
 from rewardserve.scorers.ensemble import EnsembleScorer
+from rewardserve.scorers.judge import JudgeScorer
+from rewardserve.scorers.process import ProcessScorer
 from rewardserve.scorers.reward_model import RewardModelScorer
+from rewardserve.scorers.verifier import VerifierScorer
+from rewardserve.verifiers import checks
+from rewardserve.verifiers.pool import VerifierPool
 from rewardserve.transforms import fits
 
 log = logging.getLogger(__name__)
@@ -49,6 +60,7 @@ class Registry:
         self._loading: str | None = None  # the entry start() is loading
         self._batchers: list[Batcher] = []
         self._workers: list[ModelWorkers] = []
+        self.pool: VerifierPool | None = None  # the verifiers' processes, when any entry is a verifier
 
     def default_batcher(self) -> Batcher | None:
         """The default entry's queue, when it is a model (what admission estimates waits from)."""
@@ -79,15 +91,11 @@ class Registry:
             self.cache = self._tiers()
             if self.cache is not None and self.cache.redis is not None:
                 await self.cache.redis.warm()  # connected and checked before the first request needs it
-            for entry in self.config.models:
-                model = await asyncio.to_thread(self._load, entry)
-                self.scorers[entry.name] = await asyncio.to_thread(self._wire, entry, model)
+            for section, i, entry in self.config.entries():
+                self._loading = entry.name
+                self.scorers[entry.name] = await self._build(section, entry)
+                self._shaping(self.scorers[entry.name], entry, f"{section}[{i}] ({entry.name})")
             self._loading = None
-            for e in self.config.ensembles:
-                self.scorers[e.name] = EnsembleScorer(e, [self.scorers[m] for m in e.members])
-            for section, entries in (("models", self.config.models), ("ensembles", self.config.ensembles)):
-                for i, e in enumerate(entries):
-                    self._shaping(self.scorers[e.name], e, f"{section}[{i}] ({e.name})")
             for b in self._batchers:
                 b.start()
             samples = []
@@ -120,19 +128,39 @@ class Registry:
                 except ValueError as exc:
                     raise ValueError(f"{where}.{key}: {exc}") from None
 
-    def _load(self, entry: ModelEntry) -> LoadedModel:
-        self._loading = entry.name
-        return load_model(entry, self._budget(entry), self.settings.cpu_attention_kernel)
+    async def _build(self, section: str, entry) -> Scorer:
+        if section in ("models", "judges"):
+            model = await asyncio.to_thread(self._load, entry)
+            return await asyncio.to_thread(self._wire, entry, model)
+        if section == "ensembles":
+            return EnsembleScorer(entry, [self.scorers[m] for m in entry.members])
+        if section == "verifiers":
+            if self.pool is None:
+                workers = self.settings.verifier_workers or min(4, os.cpu_count() or 1)
+                self.pool = VerifierPool(workers, on_replace=self.metrics.verifier_replacements.inc)
+                await self.pool.start()
+            cache = None
+            if self.cache is not None:
+                keys = KeyMaker(f"verifier:{entry.type}:{checks.checker_version(entry.type)}",
+                                orjson.dumps(entry.config, option=orjson.OPT_SORT_KEYS).decode(),
+                                self.settings.cache_prefix)
+                cache = self.cache.for_model(entry.name, keys, 2)  # a row: score, reason code
+            return VerifierScorer(entry, self.pool, cache, self.metrics, self.settings.verifier_max_queued)
+        return CompositeScorer(entry, {part: self.scorers[name] for part, name in entry.components.items()})
+
+    def _load(self, entry: CheckpointEntry) -> LoadedModel:
+        return load_model(entry, self._budget(entry), self.settings.cpu_attention_kernel, tokens=head_tokens(entry),
+                          process=isinstance(entry, ModelEntry) and entry.process is not None)
 
     @property
     def failure(self) -> str | None:
         """Why start() failed, naming the entry being loaded; None unless it failed."""
         if self.load_error is None:
             return None
-        where = f"model entry {self._loading!r}: " if self._loading else ""
+        where = f"entry {self._loading!r}: " if self._loading else ""
         return f"{where}{type(self.load_error).__name__}: {self.load_error}"
 
-    def _budget(self, entry: ModelEntry) -> int:
+    def _budget(self, entry: CheckpointEntry) -> int:
         return entry.max_batch_tokens or self.settings.max_batch_tokens
 
     def _tiers(self) -> ScoreCache | None:
@@ -148,14 +176,18 @@ class Registry:
             )
         return ScoreCache(LRU(s.lru_items) if s.lru_items else None, redis, self.metrics)
 
-    def _wire(self, entry: ModelEntry, m: LoadedModel) -> RewardModelScorer:
+    def _wire(self, entry: CheckpointEntry, m: LoadedModel) -> ModelScorer:
         """A loaded model's queue, scheduler and cache view (runs in a thread: it may hash the weights)."""
         s = self.settings
         cache = fingerprint = None
         if self.cache is not None:
             fingerprint = model_fingerprint(m.model_dir)
             # everything besides the weights and the ids that decides a score goes into the key
-            scoring = f"dtype={m.dtype};backend={m.backend};attention={m.attention};labels={m.num_labels}"
+            scoring = (f"dtype={m.dtype};backend={m.backend};attention={m.attention};labels={m.num_labels};"
+                       f"rows={sorted(m.token_ids.items())}")
+            if isinstance(entry, JudgeEntry):
+                templates = entry.template + "\0" + (entry.pairwise.template if entry.pairwise else "")
+                scoring += f";template={hashlib.blake2b(templates.encode(), digest_size=16).hexdigest()}"
             cache = self.cache.for_model(m.name, KeyMaker(fingerprint, scoring, s.cache_prefix), m.num_labels)
         workers = ModelWorkers(m.backends, self.devices, self.metrics, m.name, s.batch_timeout_s)
         budget = self._budget(entry)
@@ -165,6 +197,10 @@ class Registry:
         self._batchers.append(batcher)
         runner = ModelRunner(m.name, batcher, cache, self.metrics, budget,
                              all(b.shares_prefix for b in m.backends))
+        if isinstance(entry, JudgeEntry):
+            return JudgeScorer(entry, m, runner, self.metrics, fingerprint)
+        if entry.process is not None:
+            return ProcessScorer(entry, m, runner, self.metrics, fingerprint)
         return RewardModelScorer(m, runner, self.metrics, entry.truncation, entry.heads, fingerprint)
 
     async def stop(self) -> None:
@@ -177,5 +213,19 @@ class Registry:
         for w in self._workers:
             await w.close()
         await self.devices.close()
+        if self.pool is not None:
+            await self.pool.close()
         if self.cache is not None:
             await self.cache.close()
+
+
+def head_tokens(entry: CheckpointEntry) -> dict[str, str] | None:
+    """The LM-head rows an entry reads, by config key ({"verdict.yes": "Yes", ...}); None: its score head."""
+    if isinstance(entry, JudgeEntry):
+        tokens = {"verdict.yes": entry.verdict.yes, "verdict.no": entry.verdict.no}
+        if entry.pairwise is not None:
+            tokens |= {"pairwise.verdict.a": entry.pairwise.verdict.a, "pairwise.verdict.b": entry.pairwise.verdict.b}
+        return tokens
+    if entry.process is not None and entry.process.labels is not None:
+        return {"process.labels.good": entry.process.labels.good, "process.labels.bad": entry.process.labels.bad}
+    return None

@@ -51,18 +51,40 @@ def plan_padded(lengths: list[int], max_tokens: int) -> list[list[int]]:
     return groups
 
 
-class HFBackend:
-    """Scores batches of token ids with one HF model replica on one device."""
+class TokenRows(nn.Module):
+    """Some rows of a causal LM's head (its verdict or label tokens), as the model computes them."""
 
-    def __init__(self, model: nn.Module, device: torch.device, max_batch_tokens: int):
+    def __init__(self, lm_head: nn.Linear, rows: list[int], softcap: float | None):
+        super().__init__()
+        self.weight = nn.Parameter(lm_head.weight.detach()[rows].clone(), requires_grad=False)
+        self.softcap = softcap
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        logits = hidden @ self.weight.T
+        if self.softcap:  # Gemma's final logit soft-capping
+            logits = torch.tanh(logits / self.softcap) * self.softcap
+        return logits
+
+
+class HFBackend:
+    """Scores batches of token ids with one HF model replica on one device: through its score head, or
+    with `rows`, through those rows of its LM head (a causal LM)."""
+
+    def __init__(self, model: nn.Module, device: torch.device, max_batch_tokens: int, rows: list[int] | None = None):
         self.model = model
         self.device = device
         self.max_batch_tokens = max_batch_tokens
         cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
         self.pad_token_id = cfg.pad_token_id
         self.fill_id = self.pad_token_id if self.pad_token_id is not None else 0
-        head = getattr(model, "score", None)
-        self.last_token_head = isinstance(head, nn.Linear) and not getattr(model.config, "is_encoder_decoder", False)
+        if rows is not None:
+            self.head = TokenRows(model.get_output_embeddings(), rows,
+                                  getattr(cfg, "final_logit_softcapping", None)).to(device)
+            self.outputs = len(rows)
+        else:
+            self.head, self.outputs = getattr(model, "score", None), model.config.num_labels
+        self.last_token_head = isinstance(self.head, (nn.Linear, TokenRows)) and not getattr(
+            model.config, "is_encoder_decoder", False)
         self.shares_prefix = False
         if self.last_token_head:
             self.backbone = model.base_model
@@ -72,7 +94,7 @@ class HFBackend:
 
     @torch.inference_mode()
     def score(self, units: list[Unit]) -> BatchOutput:
-        out = torch.empty(sum(u.rows for u in units), self.model.config.num_labels, dtype=torch.float32)
+        out = torch.empty(sum(u.rows for u in units), self.outputs, dtype=torch.float32)
         plain: list[tuple[int, list[int], tuple[int, ...]]] = []  # (first output row, ids, pooled positions)
         computed = real = row = 0
         for u in units:
@@ -102,7 +124,7 @@ class HFBackend:
         first = [0]
         for pools in unit.pools:
             first.append(first[-1] + len(pools))
-        scores = torch.empty(first[-1], self.model.config.num_labels, dtype=torch.float32)
+        scores = torch.empty(first[-1], self.outputs, dtype=torch.float32)
         computed = p
         for group in plan_padded(lengths, self.max_batch_tokens):
             n, longest = len(group), max(lengths[i] for i in group)
@@ -126,7 +148,7 @@ class HFBackend:
         """The score head at each row's pooled positions: (n, L, H) -> (sum of len(pools), K) fp32 on CPU."""
         r = torch.tensor([i for i, p in enumerate(pools) for _ in p], device=self.device)
         c = torch.tensor([q for p in pools for q in p], device=self.device)
-        return self.model.score(hidden[r, c]).float().cpu()
+        return self.head(hidden[r, c]).float().cpu()
 
     def _forward(self, seqs: list[list[int]], pools: list[tuple[int, ...]], longest: int) -> torch.Tensor:
         n = len(seqs)

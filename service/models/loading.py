@@ -1,6 +1,9 @@
-"""Loading a reward model checkpoint (local path or hub id) onto the devices it will serve from.
+"""Loading a checkpoint (local path or hub id) onto the devices it will serve from.
 
-The embedded default model is loaded through exactly this code, like any other checkpoint.
+A reward model is read through its classification head. A causal LM (a judge, or a process reward
+model that answers with label tokens) is read through a few rows of its LM head, named by token
+text (`tokens`): each must be one token of its tokenizer, checked here, and only those rows are
+ever computed. The embedded default models load through exactly this code, like any other checkpoint.
 """
 
 from __future__ import annotations
@@ -11,10 +14,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+from transformers import (
+    AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoModelForTokenClassification,
+    AutoTokenizer,
+)
 from transformers.utils import cached_file
 
-from rewardserve.config import ModelEntry
+from rewardserve.config import CheckpointEntry
 from rewardserve.models.hf_backend import HFBackend
 from rewardserve.models.packed import DecoderConfig, load_packed
 from rewardserve.models.packed_backend import PackedBackend, rotary_parameters
@@ -68,8 +74,9 @@ class LoadedModel:
     dtype: torch.dtype
     encoder: ItemEncoder
     pad_token_id: int | None
-    backend: str  # "packed" (the fast path) or "hf" (padded AutoModelForSequenceClassification)
+    backend: str  # "packed" (the fast path) or "hf" (padded HF model)
     backends: list = field(default_factory=list)  # one HFBackend or PackedBackend per device
+    token_ids: dict[str, int] = field(default_factory=dict)  # a causal LM's rows by label: {"yes": 9, ...}
 
     @property
     def devices(self) -> list[str]:
@@ -107,9 +114,30 @@ def choose_backend(requested: str, config, model_dir: Path | None) -> tuple[str,
     return "hf", reason
 
 
-def load_model(entry: ModelEntry, max_batch_tokens: int, attention_kernel: bool = True) -> LoadedModel:
+_REWARD_ARCHS = ("ForSequenceClassification", "ForRewardModel")
+_PROCESS_ARCHS = _REWARD_ARCHS + ("ForTokenClassification",)
+_CAUSAL_ARCHS = ("ForCausalLM", "LMHeadModel", "ForConditionalGeneration")
+
+
+def single_token(tokenizer, text: str, key: str, source: str) -> int:
+    """The id of the one token `text` is; ValueError naming the entry's key otherwise."""
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    if len(ids) == 1:
+        return ids[0]
+    vocab_id = tokenizer.get_vocab().get(text)  # a token given as the vocabulary spells it ("Ġyes")
+    if vocab_id is not None:
+        return vocab_id
+    pieces = tokenizer.convert_ids_to_tokens(ids)
+    raise ValueError(f"{key}: {text!r} is {len(ids)} tokens of {source}'s tokenizer ({pieces}), not one; name a "
+                     "single token")
+
+
+def load_model(entry: CheckpointEntry, max_batch_tokens: int, attention_kernel: bool = True,
+               tokens: dict[str, str] | None = None, process: bool = False) -> LoadedModel:
     """Load `entry`'s checkpoint onto its devices. `max_batch_tokens` is its batch budget (it caps
-    max_length: the longest item must fit in one batch); `attention_kernel`: the CPU attention kernel."""
+    max_length: the longest item must fit in one batch); `attention_kernel`: the CPU attention kernel.
+    With `tokens` ({config key: token text}), a causal LM read through those rows of its LM head;
+    `process`: a process reward model's classification head (token classification heads too)."""
     source = entry.path
     common: dict = {"trust_remote_code": entry.trust_remote_code}
     if entry.revision and not Path(source).exists():
@@ -120,18 +148,28 @@ def load_model(entry: ModelEntry, max_batch_tokens: int, attention_kernel: bool 
         where = "local directory" if Path(source).exists() else "hub id (no such local path)"
         raise OSError(f"cannot load model {source!r} as a {where}: {exc}") from exc
     archs = list(getattr(config, "architectures", None) or [])
-    if archs and not any(a.endswith(("ForSequenceClassification", "ForRewardModel")) for a in archs):
+    wanted = _CAUSAL_ARCHS if tokens else _PROCESS_ARCHS if process else _REWARD_ARCHS
+    if archs and not any(a.endswith(wanted) for a in archs):
+        what = "a causal LM (*ForCausalLM)" if tokens else "a reward model"
         raise ValueError(
-            f"{source} is not a reward model checkpoint (architectures={archs}): loading it for sequence "
-            "classification would attach a randomly initialised score head"
+            f"{source} is not {what} checkpoint (architectures={archs}): "
+            + ("its verdict is read from the LM head" if tokens else "loading it for sequence classification would "
+               "attach a randomly initialised score head")
         )
-    labels = [config.id2label.get(i, f"LABEL_{i}") for i in range(config.num_labels)]
-    unknown = sorted(set(entry.heads or ()) - set(labels))
+    tokenizer = AutoTokenizer.from_pretrained(source, **common)
+    token_ids: dict[str, int] = {}
+    if tokens:
+        token_ids = {key: single_token(tokenizer, text, key, source) for key, text in tokens.items()}
+        labels = [key.rsplit(".", 1)[-1] for key in tokens]
+        rows: list[int] | None = list(token_ids.values())
+    else:
+        labels = [config.id2label.get(i, f"LABEL_{i}") for i in range(config.num_labels)]
+        rows = None
+    unknown = sorted(set(getattr(entry, "heads", None) or ()) - set(labels))
     if unknown:
         raise ValueError(f"heads: {unknown} are not heads of {source}; its heads are {labels}")
     devices = resolve_devices(entry.devices)
     dtype = resolve_dtype(entry.dtype, devices[0])
-    tokenizer = AutoTokenizer.from_pretrained(source, **common)
     kind, why = choose_backend(entry.backend, config, Path(source) if Path(source).is_dir() else None)
     model_dir = _model_dir(source, common, want_safetensors=kind == "packed")
     if kind == "packed":
@@ -146,23 +184,29 @@ def load_model(entry: ModelEntry, max_batch_tokens: int, attention_kernel: bool 
     backends: list = []
     if kind == "packed":
         inv_freq, scaling = rotary_parameters(config)
-        base = load_packed(model_dir, config, inv_freq, scaling)
+        base = load_packed(model_dir, config, inv_freq, scaling, rows)
         vocab = base.cfg.vocab_size
         for i, device in enumerate(devices):
             replica = base if i == len(devices) - 1 else copy.deepcopy(base)
             replica.to_device(device, dtype, attention_kernel)
             backends.append(PackedBackend(replica, device))
     else:
-        model = AutoModelForSequenceClassification.from_pretrained(source, dtype=dtype, **common).eval()
+        auto = (AutoModelForCausalLM if tokens else
+                AutoModelForTokenClassification if process and any(a.endswith("ForTokenClassification") for a in archs)
+                else AutoModelForSequenceClassification)
+        model = auto.from_pretrained(source, dtype=dtype, **common).eval()
         vocab = model.get_input_embeddings().num_embeddings
         for i, device in enumerate(devices):
             replica = model if i == len(devices) - 1 else copy.deepcopy(model)
-            backends.append(HFBackend(replica.to(device), device, max_batch_tokens))
+            backends.append(HFBackend(replica.to(device), device, max_batch_tokens, rows))
+        if (tokens or process) and not backends[0].last_token_head:
+            raise ValueError(f"{source}: reading several positions needs a decoder with a linear head; "
+                             f"{archs} pools by itself")
     encoder = ItemEncoder(tokenizer, max_length=max_length, vocab_size=vocab)
     loaded = LoadedModel(
         name=entry.name, source=source, model_dir=model_dir, architecture=(archs or ["unknown"])[0],
-        num_labels=config.num_labels, labels=labels, max_length=max_length, dtype=dtype, encoder=encoder,
-        pad_token_id=pad_id, backend=kind, backends=backends,
+        num_labels=len(labels), labels=labels, max_length=max_length, dtype=dtype, encoder=encoder,
+        pad_token_id=pad_id, backend=kind, backends=backends, token_ids=token_ids,
     )
     attention = f", attention: {loaded.attention}" if loaded.attention else ""
     log.info("loaded %s as %r (%s, %s) on %s with the %s backend (%s%s), max_length=%d", source, entry.name, archs,

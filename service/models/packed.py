@@ -54,6 +54,7 @@ class DecoderConfig:
     qkv_bias: bool = False  # Qwen2; Llama/Qwen3 with attention_bias
     o_bias: bool = False
     mlp_bias: bool = False
+    score_bias: bool = False  # token-classification heads (process reward models) carry one
 
     @staticmethod
     def unsupported_reason(hf) -> str | None:
@@ -266,6 +267,7 @@ class PackedRewardModel(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg, w) for w in cfg.windows)
         self.norm = nn.Parameter(torch.ones(cfg.hidden))
         self.score = nn.Parameter(torch.zeros(cfg.num_labels, cfg.hidden))
+        self.score_bias = nn.Parameter(torch.zeros(cfg.num_labels)) if cfg.score_bias else None
         cos, sin = rope_tables(rope_inv_freq.float(), cfg.max_positions, rope_scaling)
         self.register_buffer("rope_cos", cos, persistent=False)  # (max_positions, D) fp32
         self.register_buffer("rope_sin", sin, persistent=False)
@@ -294,7 +296,7 @@ class PackedRewardModel(nn.Module):
         for block in self.blocks:
             x, residual = block(x, residual, self.ops, rope, batch)
         # final norm + gather of each sequence's pooled token + every head, fp32 accumulation: (B, K)
-        return self.ops.reward_head(x, batch.last_idx, self.norm, self.cfg.eps, self.score, None, residual)
+        return self.ops.reward_head(x, batch.last_idx, self.norm, self.cfg.eps, self.score, self.score_bias, residual)
 
 
 def _hf_tensors(model_dir: Path):
@@ -308,13 +310,19 @@ def _hf_tensors(model_dir: Path):
                 yield name, st.get_tensor(name)
 
 
-def load_packed(model_dir: Path, hf_config, rotary_inv_freq: torch.Tensor, rope_scaling: float) -> PackedRewardModel:
-    """Build the packed model from the checkpoint's own files (fp32 on CPU; move with `to_device`)."""
+def load_packed(model_dir: Path, hf_config, rotary_inv_freq: torch.Tensor, rope_scaling: float,
+                rows: list[int] | None = None) -> PackedRewardModel:
+    """Build the packed model from the checkpoint's own files (fp32 on CPU; move with `to_device`).
+    The head is the checkpoint's score head, or with `rows` those rows of a causal LM's head (its
+    verdict or label tokens): the fused reward head then computes those logits and no others."""
     raw = dict(_hf_tensors(model_dir))
     prefix = "model." if any(n.startswith("model.") for n in raw) else ""
     has = lambda name: prefix + "layers.0." + name in raw  # noqa: E731
     cfg = dataclasses.replace(DecoderConfig.from_hf(hf_config), qkv_bias=has("self_attn.q_proj.bias"),
-                              o_bias=has("self_attn.o_proj.bias"), mlp_bias=has("mlp.down_proj.bias"))
+                              o_bias=has("self_attn.o_proj.bias"), mlp_bias=has("mlp.down_proj.bias"),
+                              score_bias=rows is None and "score.bias" in raw)
+    if rows is not None:
+        cfg = dataclasses.replace(cfg, num_labels=len(rows))
     model = PackedRewardModel(cfg, rotary_inv_freq, rope_scaling)
 
     def take(name: str) -> torch.Tensor:
@@ -340,7 +348,13 @@ def load_packed(model_dir: Path, hf_config, rotary_inv_freq: torch.Tensor, rope_
                 b.q_norm.copy_(take(p + "self_attn.q_norm.weight"))
                 b.k_norm.copy_(take(p + "self_attn.k_norm.weight"))
         model.norm.copy_(take("norm.weight"))
-        model.score.copy_(raw.pop("score.weight").float())
+        if rows is None:
+            model.score.copy_(raw.pop("score.weight").float())
+            if cfg.score_bias:
+                model.score_bias.copy_(raw.pop("score.bias").float())
+        else:  # a tied head is the embedding table
+            lm_head = raw.pop("lm_head.weight", None)
+            model.score.copy_((model.embed.weight if lm_head is None else lm_head.float())[rows])
     raw.pop("lm_head.weight", None)  # a tied or leftover LM head plays no part in the reward
     if raw:
         raise ValueError(f"unexpected tensors for the fast path: {sorted(raw)[:5]}")

@@ -29,6 +29,25 @@ class ItemLike(Protocol):
     add_special_tokens: bool | None
 
 
+@dataclass
+class Plain:
+    """An item built by the server itself (a reference response, a judge's question, a prefix of steps)."""
+
+    prompt: str | None = None
+    response: str | None = None
+    messages: list | None = None
+    text: str | None = None
+    input_ids: list[int] | None = None
+    add_special_tokens: bool | None = None
+    group: str | None = None
+    reference: str | None = None
+
+
+def chat_of(item: ItemLike) -> list[dict]:
+    """An item's messages as plain dicts."""
+    return [m if isinstance(m, dict) else m.model_dump(exclude_none=True) for m in item.messages]
+
+
 @dataclass(slots=True)
 class Encoded:
     ids: list[int]
@@ -47,22 +66,21 @@ class ItemEncoder:
         self.has_template = bool(getattr(tokenizer, "chat_template", None))
 
     # -- rendering ---------------------------------------------------------------------------
-    def render_chat(self, messages: list[dict], index: int) -> str:
+    def render_chat(self, messages: list[dict], index: int, generation: bool = False) -> str:
         if not self.has_template:
             raise InvalidInput(
                 "this model's tokenizer has no chat template: send 'text' or 'input_ids' instead of 'messages'",
                 index=index, part="messages",
             )
         try:
-            return self.tokenizer.apply_chat_template(messages, tokenize=False)
+            return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation)
         except Exception as exc:  # jinja errors name the template problem; the item is what the user can fix
             raise InvalidInput(f"chat template failed on this item: {exc}", index=index, part="messages") from exc
 
     def _text_of(self, item: ItemLike, index: int) -> tuple[str, bool]:
         """(text, add_special_tokens) for a text-bearing item."""
         if item.messages is not None:  # the template owns BOS unless the item asks for special tokens too
-            msgs = [m if isinstance(m, dict) else m.model_dump(exclude_none=True) for m in item.messages]
-            return self.render_chat(msgs, index), bool(item.add_special_tokens)
+            return self.render_chat(chat_of(item), index), bool(item.add_special_tokens)
         if item.prompt is not None:
             if self.has_template:
                 msgs = [{"role": "user", "content": item.prompt}, {"role": "assistant", "content": item.response}]
@@ -94,6 +112,18 @@ class ItemEncoder:
         if limit < 1:
             raise InvalidInput(f"items cannot be cut to {limit} tokens")
         return [self._fit(ids, i, truncation, limit) for i, ids in enumerate(raw)]
+
+    def encode_questions(self, texts: Sequence[str], truncation: str, limit: int | None = None) -> list[Encoded]:
+        """Each text as a user turn awaiting the assistant's answer (a judge's question): through the
+        chat template with its generation prompt, else as plain text with special tokens."""
+        if self.has_template:
+            chats = [self.render_chat([{"role": "user", "content": t}], i, generation=True)
+                     for i, t in enumerate(texts)]
+            ids = self.tokenizer(chats, add_special_tokens=False, return_attention_mask=False)["input_ids"]
+        else:
+            ids = self.tokenizer(list(texts), add_special_tokens=True, return_attention_mask=False)["input_ids"]
+        limit = self.max_length if limit is None else min(limit, self.max_length)
+        return [self._fit(self._dedupe_bos(x), i, truncation, limit) for i, x in enumerate(ids)]
 
     def _check_ids(self, ids: list[int], index: int) -> list[int]:
         for j, t in enumerate(ids):

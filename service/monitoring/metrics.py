@@ -117,6 +117,17 @@ class Metrics:
         self.worker_replacements = Counter(
             "rewardserve_worker_replacements", "Worker threads replaced (a batch past batch_timeout_s, or a thread "
             "gone).", ["device"], registry=r)
+        self.verifier_duration = Histogram(
+            "rewardserve_verifier_seconds", "Time a request's items spent in a verifier (cache, queue and checks).",
+            ["model"], registry=r,
+        )
+        self.verifier_results = Counter(
+            "rewardserve_verifier_results", "Verifier checks by outcome (reason): correct, wrong answer, timed out...",
+            ["model", "reason"], registry=r,
+        )
+        self.verifier_replacements = Counter(
+            "rewardserve_verifier_process_replacements", "Verifier processes killed (an item past its timeout) or "
+            "lost, and started afresh.", registry=r)
         self.auth_rejections = Counter(
             "rewardserve_auth_rejections", "Requests refused for a missing (401) or wrong (403) API key.", ["reason"],
             registry=r)

@@ -17,16 +17,14 @@ the values that were aggregated, which feeds `rewardserve_hacking_disagreement`.
 
 from __future__ import annotations
 
-import dataclasses
 import statistics
 from typing import Any, Sequence
 
-from rewardserve.aio import gather_or_cancel
 from rewardserve.config import EnsembleEntry
-from rewardserve.engine.types import Ticket
-from rewardserve.errors import InvalidInput, ServiceError
+from rewardserve.errors import InvalidInput
 from rewardserve.models.tokenize import ItemLike
 from rewardserve.scorers.base import Call, Result, Scorer
+from rewardserve.scorers.combined import Combination
 
 
 def aggregate(values: list[float], how: str, lam: float | None = None) -> float:
@@ -41,8 +39,9 @@ def aggregate(values: list[float], how: str, lam: float | None = None) -> float:
     raise ValueError(f"unknown aggregate {how!r}")
 
 
-class EnsembleScorer(Scorer):
+class EnsembleScorer(Combination):
     kind = "ensemble"
+    part = "member"
 
     def __init__(self, entry: EnsembleEntry, members: list[Scorer]):
         self.entry = entry
@@ -60,10 +59,7 @@ class EnsembleScorer(Scorer):
         if call.heads is not None:
             raise InvalidInput(f"heads: {self.name} is an ensemble; heads apply to model entries (set them on its "
                                "members' entries)", field="heads")
-        # each member has its own ticket: one member failing must not drop another's queued items under it
-        per_member = await gather_or_cancel(*(
-            self._member(m, items, dataclasses.replace(call, ticket=Ticket(deadline=call.ticket.deadline)))
-            for m in self.members))
+        per_member = await self.score_parts({m.name: m for m in self.members}, items, call)
         results = []
         for i in range(len(items)):
             mine = [r[i] for r in per_member]
@@ -78,15 +74,6 @@ class EnsembleScorer(Scorer):
             self.monitor.observe([[r.reward] for r in results], [r.tokens for r in results], call.groups,
                                  spreads=[r.disagreement for r in results])
         return results
-
-    async def _member(self, member: Scorer, items: Sequence[ItemLike], call: Call) -> list[Result]:
-        try:
-            return await member.score(items, call)
-        except ServiceError as exc:
-            raise exc.reworded(f"member {member.name!r} of ensemble {self.name!r}: {exc.message}") from None
-
-    async def warmup(self) -> list[float]:
-        return []  # its members warm up as entries of their own
 
     def card(self) -> dict[str, Any]:
         e = self.entry

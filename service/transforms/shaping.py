@@ -9,10 +9,10 @@ with the item's, and it is cached like any item.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
 from typing import Any, Sequence
 
 from rewardserve.errors import InvalidInput
+from rewardserve.models.tokenize import Plain, chat_of
 from rewardserve.scorers.base import Call, Result, Scorer
 from rewardserve.transforms.group import advantages as advantages_of
 from rewardserve.transforms.group import baseline, partition
@@ -20,30 +20,15 @@ from rewardserve.transforms.pointwise import shape
 from rewardserve.transforms.spec import TransformSpec
 
 
-@dataclass
-class _Reference:
-    """An item's reference response, as an item of the same form."""
-
-    prompt: str | None = None
-    response: str | None = None
-    messages: list | None = None
-    text: str | None = None
-    input_ids: list[int] | None = None
-    add_special_tokens: bool | None = None
-    group: str | None = None
-    reference: str | None = None
-
-
-def reference_item(item: Any, index: int) -> _Reference:
+def reference_item(item: Any, index: int) -> Plain:
     ref = getattr(item, "reference", None)
     if ref is None:
         raise InvalidInput("the baseline is 'reference': every item needs its reference response", index=index,
                            part="reference")
     if item.prompt is not None:
-        return _Reference(prompt=item.prompt, response=ref)
+        return Plain(prompt=item.prompt, response=ref)
     if item.messages is not None and len(item.messages) > 1:
-        chat = [m if isinstance(m, dict) else m.model_dump(exclude_none=True) for m in item.messages[:-1]]
-        return _Reference(messages=chat + [{"role": "assistant", "content": ref}])
+        return Plain(messages=chat_of(item)[:-1] + [{"role": "assistant", "content": ref}])
     raise InvalidInput("a reference answers a prompt: it needs a prompt/response or a chat item", index=index,
                        part="reference")
 

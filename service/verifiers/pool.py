@@ -40,10 +40,10 @@ _READY = "ready"
 _CLOSED = object()  # in the idle queue after close(): each waiter that takes it puts it back for the next
 _START_S = 60.0  # a new worker must import and warm up the checkers within this
 _RETRY_S = 1.0  # between attempts to start a replacement that failed to start
-# Imported once by the forkserver, so that forked workers start with them loaded. ("__main__" would not help:
-# Python 3.11's forkserver drops its path, and each child still imports the server's script, ~0.4 s for `rewardserve`.)
+# Imported once by the forkserver, so that forked workers start with them loaded ("__main__" would not help:
+# Python 3.11's forkserver drops its path, and each child still imports the server's script).
 _PRELOAD = ["rewardserve.verifiers.checks", "math_verify", "jsonschema"]
-# Run once in each new worker: first calls load the LaTeX parser and build caches (~0.2 s).
+# Run once in each new worker: first calls load the LaTeX parser and build caches.
 _WARMUP = (("math", {}, "$1$", "1"), ("json_schema", {"schema": {"type": "object"}}, "{}", None))
 
 

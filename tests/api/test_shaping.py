@@ -119,7 +119,9 @@ def test_best_of_n_ranks_by_the_shaped_reward_and_compare_keeps_the_raw_preferen
 @pytest.mark.parametrize("body,status,field", [
     ({"items": [{"prompt": P1, "response": "82"}], "transform": {"kind": "par", "baseline": "reference"}}, 422,
      "items[0].reference"),
-    ({"items": [{"text": "82", "reference": "82"}]}, 422, "items[0]"),
+    ({"items": [{"text": "82", "reference": "82"}], "transform": {"kind": "par", "baseline": "reference"}}, 422,
+     "items[0].reference"),  # a text item's reference is a verifier's ground truth, not a baseline response
+    ({"items": [{"input_ids": [1, 2], "reference": "82"}]}, 422, "items[0]"),
     ({"items": [{"prompt": P1, "response": "82"}], "transform": {"kind": "length"}}, 422, "transform"),
     ({"items": [{"prompt": P1, "response": "82"}], "transform": {"kind": "calibrated", "baseline": 0.0}}, 422,
      "transform"),

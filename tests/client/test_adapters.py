@@ -30,6 +30,8 @@ def server(tiny_ckpt):
     registry = RegistryConfig.model_validate({
         "models": [{"name": "rm", "path": str(tiny_ckpt("llama"))}, {"name": "rm2", "path": str(tiny_ckpt("qwen2"))}],
         "ensembles": [{"name": "both", "members": ["rm", "rm2"], "aggregate": "min"}],
+        "verifiers": [{"name": "math", "type": "math"}],
+        "composites": [{"name": "hybrid", "components": {"ok": "math", "rm": "rm"}, "total": "ok + 0.1 * rm"}],
     })
     with serve(ServerSettings(max_wait_ms=2), registry) as s:
         yield s
@@ -122,6 +124,28 @@ def test_verl_compute_score(server):
                    "disagreement": both["disagreement"]}
     with pytest.raises(KeyError, match="no prompt in extra_info"):
         asyncio.run(verl.compute_score("gsm8k", "4", "4", {"split": "train"}, rewardserve_url=server.url))
+
+
+def test_verl_ground_truth_reaches_verifiers_and_composites(server):
+    async def run(model, answer, truth):
+        return await verl.compute_score(data_source="gsm8k", solution_str=answer, ground_truth=truth,
+                                        extra_info={"question": "What is 2+2?"}, rewardserve_url=server.url,
+                                        rewardserve_model=model)
+
+    right, wrong, number = (asyncio.run(run("math", a, t)) for a, t in (("So \\boxed{4}", "4"), ("5", "4"),
+                                                                        ("4", 4)))
+    hybrid = asyncio.run(run("hybrid", "The answer is 4", "4"))
+    assert (right, wrong, number) == ({"score": 1.0}, {"score": 0.0}, {"score": 1.0})
+    assert set(hybrid) == {"score", "component/ok", "component/rm"} and hybrid["component/ok"] == 1.0
+    assert hybrid["score"] == pytest.approx(1.0 + 0.1 * hybrid["component/rm"])
+
+
+def test_openrlhf_labels_reach_verifiers(server):
+    query = "<s><|user|>\nWhat is 2+2?</s>\n<|assistant|>\nIt is 4</s>\n"
+    prompt = "<s><|user|>\nWhat is 2+2?</s>\n<|assistant|>\n"
+    with RewardClient(server.url, model="math") as rs:
+        out = openrlhf.reward_func([query, query.replace("4", "5")], [prompt, prompt], ["4", "4"], client=rs)
+    assert out["rewards"] == [1.0, 0.0]
 
 
 def test_openrlhf_reward_func_file(server, monkeypatch):

@@ -130,7 +130,9 @@ def test_a_lost_device_is_taken_out_of_service(server):
 
 
 def test_an_item_past_its_deadline_is_never_computed(tiny_ckpt):
-    with serve(*quick(model=str(tiny_ckpt("llama")), max_wait_ms=1500, lru_items=0)) as s, s.client() as c:
+    # no warm-up: no batch has run, so admission has no waits to refuse these deadlines with
+    settings = quick(model=str(tiny_ckpt("llama")), max_wait_ms=1500, lru_items=0, warmup=False)
+    with serve(*settings) as s, s.client() as c:
         tokens = s.metric("rewardserve_tokens_total", model=s.name)
         r = c.post("/v1/score", json={"items": ITEMS[:2], "timeout": 0.3})
         assert r.status_code == 504 and r.json()["error"]["type"] == "deadline_exceeded"

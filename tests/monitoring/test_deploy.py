@@ -58,9 +58,13 @@ EXPECTED_PANELS = {
                                                        "rewardserve_quota_rejections_total"],
     "Requests in flight": ["rewardserve_requests_in_flight"],
     "Faults kept small": ["rewardserve_oom_splits_total", "rewardserve_worker_replacements_total"],
+    "Verifier outcomes": ["rewardserve_verifier_results_total"],
+    "Verifier time p99": ["rewardserve_verifier_seconds_bucket"],
+    "Verifier processes replaced": ["rewardserve_verifier_process_replacements_total"],
 }
 SERVER_WIDE = {"rewardserve_auth_rejections_total", "rewardserve_quota_rejections_total",
-               "rewardserve_requests_in_flight", "rewardserve_worker_replacements_total"}
+               "rewardserve_requests_in_flight", "rewardserve_worker_replacements_total",
+               "rewardserve_verifier_process_replacements_total"}
 EXPECTED_ALERTS = {
     "RewardserveRewardDriftPSI": "rewardserve_drift_psi",
     "RewardserveRewardDriftKS": "rewardserve_drift_ks",

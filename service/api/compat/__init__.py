@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 import uuid
-from typing import Callable
+from typing import Any, Callable
 
 from fastapi import Request
 from fastapi.exceptions import RequestValidationError
@@ -24,9 +24,22 @@ from fastapi.routing import APIRoute
 
 from rewardserve.api.errors import describe
 from rewardserve.api.limits import Route
-from rewardserve.errors import ServiceError
+from rewardserve.errors import InvalidInput, ServiceError
 from rewardserve.scorers.base import Result, Scorer
 from rewardserve.transforms.fits import sigmoid
+
+
+def ground_truth(value: Any, scorer: Scorer, index: int | None, where: str) -> str | None:
+    """A peer's label as an item's `reference`: text, or a number's decimal text. Entries that do not
+    check answers ignore labels of any shape, as the peers' own servers do."""
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)
+    if scorer.uses_reference:
+        raise InvalidInput(f"a ground truth is text or a number, not {type(value).__name__}", index=index,
+                           field=where)
+    return None
 
 
 def activated(values: list[float]) -> list[float]:

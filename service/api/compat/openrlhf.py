@@ -5,6 +5,8 @@ OpenRLHF (`--reward.remote_url http://host:8000/get_reward`, openrlhf/utils/agen
 `rewards`, `scores` (its filtering signal, falling back to `rewards`) and `extra_logs`. Each query is
 the whole prompt + response as the policy's tokenizer decoded it, chat template and special tokens
 included, so it is tokenised without adding special tokens (a BOS it carries is never doubled).
+`labels` are the ground truths (`reference`) of entries that check answers; those read the response
+alone, the query's tail after its prompt.
 With several URLs every server but the first receives empty lists: they answer empty lists.
 """
 
@@ -16,8 +18,10 @@ from fastapi import APIRouter, Query, Request
 from pydantic import Field, StrictStr, model_validator
 
 from rewardserve.api.deps import RegistryDep, score_items
-from rewardserve.api.schemas import ERROR_RESPONSES, Closed, item
+from rewardserve.api.compat import ground_truth
+from rewardserve.api.schemas import ERROR_RESPONSES, Closed
 from rewardserve.api.limits import Route
+from rewardserve.models.tokenize import Plain
 from rewardserve.scorers.base import Call
 
 router = APIRouter(tags=["compatible: OpenRLHF"], route_class=Route)
@@ -53,7 +57,14 @@ async def get_reward(body: GetRewardRequest, request: Request, registry: Registr
     if not body.query:
         registry.get(model)  # still a 404 for a wrong model name
         return GetRewardResponse(rewards=[], scores=[], extra_logs={})
-    items = [item(text=q, add_special_tokens=False) for q in body.query]
+    scorer = registry.get(model)
+    items = []
+    for i, q in enumerate(body.query):
+        ref = ground_truth(body.labels[i], scorer, i, f"labels[{i}]") if body.labels else None
+        prompt = body.prompts[i] if body.prompts else None
+        # checkers read the response alone: the query's tail after its prompt, when the prompt is its head
+        response = q[len(prompt):] if isinstance(prompt, str) and q.startswith(prompt) else None
+        items.append(Plain(text=q, add_special_tokens=False, response=response, reference=ref))
     _, results = await score_items(request, registry, model, items, lambda i, part: (i, f"query[{i}]"), Call())
     rewards = [r.reward for r in results]
     logs: dict[str, list[float]] = {}

@@ -6,7 +6,8 @@ the whole JSON answer, taking the field `--reward-key` names: `reward`. The prom
 chat so far (a list of messages: the response is appended as the assistant's turn and the entry's
 chat template renders it) or a string, which slime has already rendered with the policy's template
 (`--apply-chat-template`): the text scored is then the prompt followed by the response, as sent.
-`label` is the ground truth for entries that check answers; reward models do not use it.
+`label` is the ground truth (`reference`) for entries that check answers (verifiers, composites with
+one), which read the response alone; reward models do not use it.
 """
 
 from __future__ import annotations
@@ -17,8 +18,10 @@ from fastapi import APIRouter, Query, Request
 from pydantic import Field, StrictStr
 
 from rewardserve.api.deps import RegistryDep, score_items
+from rewardserve.api.compat import ground_truth
 from rewardserve.api.schemas import ERROR_RESPONSES, Closed, ItemResult, Message, item
 from rewardserve.api.limits import Route
+from rewardserve.models.tokenize import Plain
 from rewardserve.scorers.base import Call
 
 router = APIRouter(tags=["compatible: slime"], route_class=Route)
@@ -35,9 +38,11 @@ async def reward(body: RewardRequest, request: Request, registry: RegistryDep,
                  model: str | None = Query(None, description="Registry entry (default: the default one).")
                  ) -> ItemResult:
     """One sample's reward, with the item's other fields beside it."""
-    if isinstance(body.prompt, str):
-        one = item(text=body.prompt + body.response)
+    ref = ground_truth(body.label, registry.get(model), None, "label")
+    if isinstance(body.prompt, str):  # checkers read the response alone; models the whole text
+        one = Plain(text=body.prompt + body.response, response=body.response, reference=ref)
     else:
-        one = item(messages=[m.model_dump() for m in body.prompt] + [{"role": "assistant", "content": body.response}])
+        one = item(messages=[m.model_dump() for m in body.prompt] + [{"role": "assistant", "content": body.response}],
+                   reference=ref)
     _, [result] = await score_items(request, registry, model, [one], lambda i, part: (None, "response"), Call())
     return ItemResult(**result.fields())

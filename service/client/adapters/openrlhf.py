@@ -3,8 +3,9 @@
 OpenRLHF's `--reward.remote_url http://rs:8000/get_reward` needs nothing from here: /get_reward
 speaks its protocol. Its other mode loads a .py file and calls `reward_func(queries, prompts,
 labels)` (openrlhf/utils/agent.py: synchronously, one sample at a time, from a thread), which must
-return `{"rewards", "scores", "extra_logs"}`. `reward_func` below scores the queries with rewardserve
-(each query is the full prompt + response as decoded, special tokens included) and returns lists;
+return `{"rewards", "scores", "extra_logs"}`. `reward_func` below hands its arguments to /get_reward
+(each query is the full prompt + response as decoded, special tokens included; the labels are the
+ground truths of verifier entries, which check the query's tail after its prompt) and returns lists;
 deploy/examples/openrlhf/reward_func.py wraps them as the torch tensors OpenRLHF's examples return.
 Settings: REWARDSERVE_URL, REWARDSERVE_MODEL, REWARDSERVE_API_KEY.
 """
@@ -12,6 +13,7 @@ Settings: REWARDSERVE_URL, REWARDSERVE_MODEL, REWARDSERVE_API_KEY.
 from __future__ import annotations
 
 import os
+from urllib.parse import quote
 from typing import Any
 
 from rewardserve.client.core import RewardClient
@@ -34,10 +36,11 @@ def reward_func(queries: list[str], prompts: list[Any] | None = None, labels: li
     extra_logs), as lists aligned with `queries`."""
     if not queries:
         return {"rewards": [], "scores": [], "extra_logs": {}}
-    results = (client or _shared()).score([{"text": q, "add_special_tokens": False} for q in queries])
-    rewards = [r["reward"] for r in results]
-    logs: dict[str, list[float]] = {}
-    if results[0].get("members") is not None:
-        logs = {name: [r["members"][name] for r in results] for name in results[0]["members"]}
-        logs["disagreement"] = [r["disagreement"] for r in results]
-    return {"rewards": rewards, "scores": rewards, "extra_logs": logs}
+    rs = client or _shared()
+    model = rs.aio.model
+    body: dict[str, Any] = {"query": list(queries)}
+    if prompts:
+        body["prompts"] = list(prompts)
+    if labels:
+        body["labels"] = list(labels)
+    return rs.post("/get_reward" + (f"?model={quote(model)}" if model else ""), body)
