@@ -77,6 +77,12 @@ class ServerSettings(BaseSettings):
     drain_timeout_s: float = Field(30.0, ge=0, description="On SIGTERM: how long in-flight and queued requests "
                                                            "may take to finish while new ones get 503.")
 
+    # --- where models run ----------------------------------------------------------------------
+    engine: Literal["process", "thread"] = Field(
+        "process", description="process: each device's models run in an engine process of their own, so a "
+                               "forward never waits for the front end's GIL; thread: in this process."
+    )
+
     # --- CPU tuning (process-wide) ---------------------------------------------------------------
     cpu_threads: int | None = Field(None, ge=1, description="torch threads for CPU inference (default: all cores).")
     cpu_attention_kernel: bool = Field(

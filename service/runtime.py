@@ -4,12 +4,34 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import gc
 import logging
 
 log = logging.getLogger(__name__)
 
+# What the process's one forkserver imports before it forks engines and verifier workers (whichever starts
+# first sets it: one list for both), so that they start with these loaded.
+FORKSERVER_PRELOAD = ["rewardserve.engine.process", "rewardserve.models.loading", "rewardserve.verifiers.checks",
+                      "math_verify", "jsonschema"]
+
 _M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_MAX = -1, -2, -4  # glibc <malloc.h>
 _applied = False
+
+
+def freeze_startup_objects() -> None:
+    """Move every object alive now (imported modules, models, tokenizers) out of the collector's reach.
+
+    A full collection traverses every tracked object; after torch and transformers are imported
+    that is millions, and each full collection paused the event loop for about 200 ms, every second
+    or two under load: the cache-hit p99 was ten times its p50. Frozen objects are never traversed,
+    so collections see only what requests allocate. Called once the registry is loaded."""
+    gc.collect()
+    gc.freeze()
+
+
+def unfreeze() -> None:
+    """Let the collector see the frozen objects again (at shutdown, so they are released normally)."""
+    gc.unfreeze()
 
 
 def keep_freed_memory() -> bool:

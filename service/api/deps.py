@@ -17,7 +17,7 @@ from rewardserve.scorers.base import Call, Result, Scorer
 from rewardserve.transforms.shaping import score_shaped
 
 
-def get_registry(request: Request) -> Registry:
+async def get_registry(request: Request) -> Registry:  # async: a sync dependency costs a thread hop
     return request.app.state.registry
 
 

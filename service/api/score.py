@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import time
 
+import orjson
+
 from fastapi import APIRouter, Request, Response
 
 from rewardserve.api.deps import RegistryDep, call_of, item_field, score_items
-from rewardserve.api.schemas import ERROR_RESPONSES, Item, ItemResult, ScoreRequest, ScoreResponse, Usage
+from rewardserve.api.schemas import ERROR_RESPONSES, Item, ScoreRequest, ScoreResponse
 from rewardserve.api.limits import Route
 
 router = APIRouter(tags=["scoring"], route_class=Route)
@@ -30,14 +32,15 @@ def detect_groups(items: list[Item]) -> list[list[int]]:
 
 
 @router.post("/v1/score", response_model=ScoreResponse, response_model_exclude_none=True, responses=ERROR_RESPONSES)
-async def score(body: ScoreRequest, request: Request, response: Response, registry: RegistryDep) -> ScoreResponse:
+async def score(body: ScoreRequest, request: Request, registry: RegistryDep) -> Response:
     """Score items with a registry entry: a reward model (its output at each item's last token) or an
     ensemble (its members' rewards aggregated)."""
     start = time.perf_counter()
     scorer, results = await score_items(request, registry, body.model, body.items, item_field("items"),
                                         call_of(body, detect_groups(body.items)), body.timeout, body.transform,
                                         body.advantages)
-    items = [ItemResult(**r.fields()) for r in results]
-    response.headers["x-total-time"] = f"{(time.perf_counter() - start) * 1000:.3f}"
-    return ScoreResponse(model=scorer.name, rewards=[r.reward for r in results], items=items,
-                         usage=Usage(tokens=sum(r.tokens for r in results)))
+    out = {"model": scorer.name, "rewards": [r.reward for r in results], "items": [r.fields() for r in results],
+           "usage": {"tokens": sum(r.tokens for r in results)}}
+    # serialised here, by orjson: FastAPI would validate the response model again, then encode it
+    return Response(orjson.dumps(out), media_type="application/json", headers={
+        "x-total-time": f"{(time.perf_counter() - start) * 1000:.3f}"})

@@ -47,7 +47,7 @@ def run_splitting(score: Callable, units: list[Unit]) -> Outcome:
     except Exception as exc:
         if not is_oom(exc):
             return Outcome([exc] * len(units))
-        _free_device_memory()
+        free_device_memory()
         if len(units) == 1:
             return Outcome([exc])
         half = len(units) // 2
@@ -62,6 +62,6 @@ def run_splitting(score: Callable, units: list[Unit]) -> Outcome:
     return Outcome(results, out.computed_positions, out.real_tokens)
 
 
-def _free_device_memory() -> None:
+def free_device_memory() -> None:
     if torch.cuda.is_available():
         torch.cuda.empty_cache()

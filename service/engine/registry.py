@@ -23,6 +23,7 @@ from rewardserve.cache.redis_tier import RedisTier
 from rewardserve.cache.tiered import ScoreCache
 from rewardserve.config import CheckpointEntry, JudgeEntry, ModelEntry, RegistryConfig, ServerSettings
 from rewardserve.engine.batcher import Batcher, Budgets
+from rewardserve.engine.process import Engine, Tuning
 from rewardserve.engine.scheduler import ModelRunner
 from rewardserve.engine.workers import Devices, ModelWorkers
 from rewardserve.errors import ModelNotFound, NotReady
@@ -30,7 +31,7 @@ from rewardserve.models.loading import LoadedModel, load_model
 from rewardserve.monitoring.drift import fitted_buckets
 from rewardserve.monitoring.metrics import Metrics
 from rewardserve.monitoring.monitor import RewardMonitor
-from rewardserve.runtime import keep_freed_memory
+from rewardserve.runtime import freeze_startup_objects, keep_freed_memory, unfreeze
 from rewardserve.scorers.base import ModelScorer, Scorer
 from rewardserve.scorers.composite import CompositeScorer
 from rewardserve.scorers.ensemble import EnsembleScorer
@@ -61,6 +62,7 @@ class Registry:
         self._batchers: list[Batcher] = []
         self._workers: list[ModelWorkers] = []
         self.pool: VerifierPool | None = None  # the verifiers' processes, when any entry is a verifier
+        self.engines: dict[str, Engine] = {}  # device -> its engine process (settings.engine == "process")
 
     def default_batcher(self) -> Batcher | None:
         """The default entry's queue, when it is a model (what admission estimates waits from)."""
@@ -112,6 +114,7 @@ class Registry:
             self.load_error = exc
             log.exception("loading the registry failed")
             raise
+        freeze_startup_objects()
         self.ready = True
         for name in self.scorers:
             self.metrics.ready.labels(name).set(1)
@@ -150,7 +153,18 @@ class Registry:
 
     def _load(self, entry: CheckpointEntry) -> LoadedModel:
         return load_model(entry, self._budget(entry), self.settings.cpu_attention_kernel, tokens=head_tokens(entry),
-                          process=isinstance(entry, ModelEntry) and entry.process is not None)
+                          process=isinstance(entry, ModelEntry) and entry.process is not None,
+                          engines=self._engine if self.settings.engine == "process" else None)
+
+    def _engine(self, device: torch.device) -> Engine:
+        """The engine process of `device`, started on first use (in a loading thread)."""
+        key = str(device)
+        if key not in self.engines:
+            s = self.settings
+            engine = Engine(device, Tuning(s.cpu_threads, s.cpu_keep_memory, s.cpu_attention_kernel, s.log_level))
+            engine.start()
+            self.engines[key] = engine
+        return self.engines[key]
 
     @property
     def failure(self) -> str | None:
@@ -213,10 +227,13 @@ class Registry:
         for w in self._workers:
             await w.close()
         await self.devices.close()
+        for engine in self.engines.values():
+            await asyncio.to_thread(engine.close)
         if self.pool is not None:
             await self.pool.close()
         if self.cache is not None:
             await self.cache.close()
+        unfreeze()
 
 
 def head_tokens(entry: CheckpointEntry) -> dict[str, str] | None:

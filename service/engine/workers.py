@@ -10,7 +10,9 @@ When a worker fails (engine/faults.py says what a failure means):
   one is abandoned); so does a worker whose thread is gone. Until a probe batch has run on the new
   thread, /readyz says which worker is being replaced;
 - a device that is lost (a CUDA error that poisons the context) is taken out of service: its
-  batches fail at once, /readyz and /healthz answer 503 naming it (the process must restart).
+  batches fail at once, /readyz and /healthz answer 503 naming it (the process must restart);
+- with engine processes (engine/process.py), a stuck batch's engine is killed, and an engine that
+  died is started again: the probe waits until it has built its models anew.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 
 from rewardserve.engine.faults import Outcome, is_device_lost, run_splitting
+from rewardserve.engine.process import EngineDied
 from rewardserve.engine.types import WorkItem
 from rewardserve.errors import BackendError
 from rewardserve.models.units import Unit
@@ -183,19 +186,26 @@ class ModelWorkers:
         try:
             outcome = await asyncio.wait_for(run, self.batch_timeout_s)
         except asyncio.TimeoutError:
-            self._replace(worker, f"a batch ran past batch_timeout_s ({self.batch_timeout_s:g} s)")
+            self._replace(worker, f"a batch ran past batch_timeout_s ({self.batch_timeout_s:g} s)", stuck=True)
             raise BackendError(f"the batch ran past batch_timeout_s ({self.batch_timeout_s:g} s) on {worker.device}; "
                                "its worker thread was replaced") from None
         if outcome.splits:
             self.metrics.oom_splits.labels(self.model, worker.device).inc(outcome.splits)
+        died = next((r for r in outcome.results if isinstance(r, EngineDied)), None)
+        if died is not None:
+            self._replace(worker, str(died))
+            return outcome
         lost = next((r for r in outcome.results if isinstance(r, BaseException) and is_device_lost(r)), None)
         if lost is not None:
             worker.lost = f"{type(lost).__name__}: {lost}"
             log.error("device %s is out of service: %s", worker.device, worker.lost)
         return outcome
 
-    def _replace(self, worker: Worker, why: str) -> None:
+    def _replace(self, worker: Worker, why: str, stuck: bool = False) -> None:
         log.error("replacing the worker thread of %s: %s", worker.device, why)
+        engine = getattr(self.backends[worker.device], "engine", None)
+        if engine is not None and stuck:
+            engine.kill()  # a batch stuck in the engine process ends with it; the probe starts a new one
         worker.replace_thread(why)
         self.metrics.worker_replacements.labels(worker.device).inc()
         task = asyncio.get_running_loop().create_task(self._probe(worker))
@@ -205,8 +215,12 @@ class ModelWorkers:
     async def _probe(self, worker: Worker) -> None:
         """A one-token batch on the fresh thread; the worker counts as replaced once it has run."""
         backend = self.backends[worker.device]
+        loop = asyncio.get_running_loop()
         try:
-            await asyncio.get_running_loop().run_in_executor(worker.executor, backend.score, _PROBE)
+            engine = getattr(backend, "engine", None)
+            if engine is not None and not engine.alive:  # a fresh engine process, its models built again
+                await loop.run_in_executor(worker.executor, engine.restart)
+            await loop.run_in_executor(worker.executor, backend.score, _PROBE)
         except Exception as exc:
             worker.lost = f"the replaced worker's probe failed: {type(exc).__name__}: {exc}"
             log.error("device %s is out of service: %s", worker.device, worker.lost)

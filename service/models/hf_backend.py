@@ -74,6 +74,8 @@ class HFBackend:
         self.model = model
         self.device = device
         self.max_batch_tokens = max_batch_tokens
+        self.vocab_size = model.get_input_embeddings().num_embeddings
+        self.attention = ""  # HF's own
         cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
         self.pad_token_id = cfg.pad_token_id
         self.fill_id = self.pad_token_id if self.pad_token_id is not None else 0

@@ -12,6 +12,7 @@ import copy
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import (
@@ -85,7 +86,7 @@ class LoadedModel:
     @property
     def attention(self) -> str:
         """The packed path's attention (varlen_attn, C++ kernel or SDPA); "" on the HF path."""
-        return self.backends[0].model.ops.attention_name if self.backend == "packed" else ""
+        return self.backends[0].attention
 
 
 def _model_dir(source: str, common: dict, want_safetensors: bool) -> Path:
@@ -132,12 +133,55 @@ def single_token(tokenizer, text: str, key: str, source: str) -> int:
                      "single token")
 
 
+@dataclass
+class Plan:
+    """What building a replica of a checkpoint needs, decided once: picklable, so an engine process
+    (engine/process.py) builds exactly what this process would."""
+
+    name: str
+    source: str
+    common: dict  # trust_remote_code, revision
+    config: Any  # the checkpoint's HF config
+    model_dir: Path
+    kind: str  # "packed" | "hf"
+    auto: str  # the HF Auto class of the hf path
+    rows: list[int] | None  # a causal LM's LM-head rows; None: its score head
+    dtype: torch.dtype
+    max_batch_tokens: int
+    check_positions: bool  # reading several positions: the hf path must take a linear head
+
+
+def build_replicas(plan: Plan, devices: list[torch.device], attention_kernel: bool) -> list:
+    """One backend per device (the weights read once, copied for the other devices)."""
+    backends: list = []
+    if plan.kind == "packed":
+        inv_freq, scaling = rotary_parameters(plan.config)
+        base = load_packed(plan.model_dir, plan.config, inv_freq, scaling, plan.rows)
+        for i, device in enumerate(devices):
+            replica = base if i == len(devices) - 1 else copy.deepcopy(base)
+            replica.to_device(device, plan.dtype, attention_kernel)
+            backends.append(PackedBackend(replica, device))
+        return backends
+    auto = {"causal": AutoModelForCausalLM, "token": AutoModelForTokenClassification,
+            "sequence": AutoModelForSequenceClassification}[plan.auto]
+    model = auto.from_pretrained(plan.source, dtype=plan.dtype, **plan.common).eval()
+    for i, device in enumerate(devices):
+        replica = model if i == len(devices) - 1 else copy.deepcopy(model)
+        backends.append(HFBackend(replica.to(device), device, plan.max_batch_tokens, plan.rows))
+    if plan.check_positions and not backends[0].last_token_head:
+        raise ValueError(f"{plan.source}: reading several positions needs a decoder with a linear head; "
+                         f"{plan.config.architectures} pools by itself")
+    return backends
+
+
 def load_model(entry: CheckpointEntry, max_batch_tokens: int, attention_kernel: bool = True,
-               tokens: dict[str, str] | None = None, process: bool = False) -> LoadedModel:
+               tokens: dict[str, str] | None = None, process: bool = False, engines=None) -> LoadedModel:
     """Load `entry`'s checkpoint onto its devices. `max_batch_tokens` is its batch budget (it caps
     max_length: the longest item must fit in one batch); `attention_kernel`: the CPU attention kernel.
     With `tokens` ({config key: token text}), a causal LM read through those rows of its LM head;
-    `process`: a process reward model's classification head (token classification heads too)."""
+    `process`: a process reward model's classification head (token classification heads too).
+    `engines(device)`, when given, is the engine process a device's replica lives in (this process then
+    keeps only the tokenizer); else the replicas live here."""
     source = entry.path
     common: dict = {"trust_remote_code": entry.trust_remote_code}
     if entry.revision and not Path(source).exists():
@@ -181,27 +225,15 @@ def load_model(entry: CheckpointEntry, max_batch_tokens: int, attention_kernel: 
             limits.append(value)
     max_length = min(limits)
     pad_id = config.get_text_config().pad_token_id
-    backends: list = []
-    if kind == "packed":
-        inv_freq, scaling = rotary_parameters(config)
-        base = load_packed(model_dir, config, inv_freq, scaling, rows)
-        vocab = base.cfg.vocab_size
-        for i, device in enumerate(devices):
-            replica = base if i == len(devices) - 1 else copy.deepcopy(base)
-            replica.to_device(device, dtype, attention_kernel)
-            backends.append(PackedBackend(replica, device))
+    token_heads = process and any(a.endswith("ForTokenClassification") for a in archs)
+    plan = Plan(name=entry.name, source=source, common=common, config=config, model_dir=model_dir, kind=kind,
+                auto="causal" if tokens else "token" if token_heads else "sequence", rows=rows, dtype=dtype,
+                max_batch_tokens=max_batch_tokens, check_positions=bool(tokens or process))
+    if engines is None:
+        backends = build_replicas(plan, devices, attention_kernel)
     else:
-        auto = (AutoModelForCausalLM if tokens else
-                AutoModelForTokenClassification if process and any(a.endswith("ForTokenClassification") for a in archs)
-                else AutoModelForSequenceClassification)
-        model = auto.from_pretrained(source, dtype=dtype, **common).eval()
-        vocab = model.get_input_embeddings().num_embeddings
-        for i, device in enumerate(devices):
-            replica = model if i == len(devices) - 1 else copy.deepcopy(model)
-            backends.append(HFBackend(replica.to(device), device, max_batch_tokens, rows))
-        if (tokens or process) and not backends[0].last_token_head:
-            raise ValueError(f"{source}: reading several positions needs a decoder with a linear head; "
-                             f"{archs} pools by itself")
+        backends = [engines(device).load(plan) for device in devices]
+    vocab = backends[0].vocab_size
     encoder = ItemEncoder(tokenizer, max_length=max_length, vocab_size=vocab)
     loaded = LoadedModel(
         name=entry.name, source=source, model_dir=model_dir, architecture=(archs or ["unknown"])[0],
@@ -209,6 +241,7 @@ def load_model(entry: CheckpointEntry, max_batch_tokens: int, attention_kernel: 
         pad_token_id=pad_id, backend=kind, backends=backends, token_ids=token_ids,
     )
     attention = f", attention: {loaded.attention}" if loaded.attention else ""
-    log.info("loaded %s as %r (%s, %s) on %s with the %s backend (%s%s), max_length=%d", source, entry.name, archs,
-             dtype, devices, kind, why, attention, max_length)
+    where = "" if engines is None else " (in engine processes)"
+    log.info("loaded %s as %r (%s, %s) on %s%s with the %s backend (%s%s), max_length=%d", source, entry.name, archs,
+             dtype, devices, where, kind, why, attention, max_length)
     return loaded

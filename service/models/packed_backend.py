@@ -28,6 +28,8 @@ class PackedBackend:
     def __init__(self, model: PackedRewardModel, device: torch.device):
         self.model = model
         self.device = device
+        self.vocab_size = model.cfg.vocab_size
+        self.attention = model.ops.attention_name  # varlen_attn, C++ kernel or SDPA
 
     @torch.inference_mode()
     def score(self, batch: list[Unit]) -> BatchOutput:

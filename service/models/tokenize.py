@@ -14,6 +14,8 @@ Rules (DESIGN.md, "Tokenisation is explicit"):
 
 from __future__ import annotations
 
+import threading
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Protocol, Sequence
 
@@ -55,15 +57,37 @@ class Encoded:
     original_length: int
 
 
+# Items whose token ids are remembered: a cache hit then costs a dictionary look-up instead of a chat
+# template and a tokenizer call (most of its time on the 2-core VM).
+MEMO_ITEMS = 16384
+
+
+def memo_key(item: ItemLike) -> tuple | None:
+    """What decides a text-bearing item's ids, hashable; None for items not worth remembering."""
+    if item.messages is not None:
+        try:
+            return ("m", bool(item.add_special_tokens), tuple(tuple(sorted(m.items())) for m in chat_of(item)))
+        except TypeError:  # a message value that cannot be hashed (a peer's structured content)
+            return None
+    if item.prompt is not None:
+        return ("p", item.prompt, item.response)
+    if item.text is not None:
+        return ("t", item.add_special_tokens, item.text)
+    return None
+
+
 class ItemEncoder:
     """Encodes items for one tokenizer; shared by every worker (tokenizers are thread-safe for encode)."""
 
-    def __init__(self, tokenizer, max_length: int, vocab_size: int):
+    def __init__(self, tokenizer, max_length: int, vocab_size: int, memo_items: int = MEMO_ITEMS):
         self.tokenizer = tokenizer
         self.max_length = max_length
         self.vocab_size = vocab_size
         self.bos_id = tokenizer.bos_token_id
         self.has_template = bool(getattr(tokenizer, "chat_template", None))
+        self.memo_items = memo_items
+        self._memo: OrderedDict[tuple, tuple[int, ...]] = OrderedDict()  # key -> ids before truncation
+        self._lock = threading.Lock()  # requests encode on the event loop and in threads alike
 
     # -- rendering ---------------------------------------------------------------------------
     def render_chat(self, messages: list[dict], index: int, generation: bool = False) -> str:
@@ -94,11 +118,21 @@ class ItemEncoder:
         """Encode a whole request; texts sharing a special-token setting go through one batch call.
         `limit` cuts items to fewer tokens than max_length (a peer's truncate-to-k option)."""
         raw: list[list[int] | None] = [None] * len(items)
+        keys: list[tuple | None] = [None] * len(items)
         groups: dict[bool, tuple[list[int], list[str]]] = {True: ([], []), False: ([], [])}
         for i, item in enumerate(items):
             if item.input_ids is not None:
                 raw[i] = self._check_ids(item.input_ids, i)
                 continue
+            keys[i] = key = memo_key(item)
+            if key is not None:
+                with self._lock:
+                    known = self._memo.get(key)
+                    if known is not None:
+                        self._memo.move_to_end(key)
+                if known is not None:
+                    raw[i] = list(known)
+                    continue
             text, add = self._text_of(item, i)
             groups[add][0].append(i)
             groups[add][1].append(text)
@@ -108,6 +142,7 @@ class ItemEncoder:
             enc = self.tokenizer(texts, add_special_tokens=add, return_attention_mask=False)["input_ids"]
             for i, ids in zip(idx, enc):
                 raw[i] = self._dedupe_bos(ids)
+                self._remember(keys[i], raw[i])
         limit = self.max_length if limit is None else min(limit, self.max_length)
         if limit < 1:
             raise InvalidInput(f"items cannot be cut to {limit} tokens")
@@ -124,6 +159,14 @@ class ItemEncoder:
             ids = self.tokenizer(list(texts), add_special_tokens=True, return_attention_mask=False)["input_ids"]
         limit = self.max_length if limit is None else min(limit, self.max_length)
         return [self._fit(self._dedupe_bos(x), i, truncation, limit) for i, x in enumerate(ids)]
+
+    def _remember(self, key: tuple | None, ids: list[int]) -> None:
+        if key is None or not self.memo_items:
+            return
+        with self._lock:
+            self._memo[key] = tuple(ids)
+            if len(self._memo) > self.memo_items:
+                self._memo.popitem(last=False)
 
     def _check_ids(self, ids: list[int], index: int) -> list[int]:
         for j, t in enumerate(ids):

@@ -32,6 +32,8 @@ import sys
 from multiprocessing.connection import Connection
 from typing import Any, Callable
 
+from rewardserve.runtime import FORKSERVER_PRELOAD
+
 log = logging.getLogger(__name__)
 
 TIMED_OUT = (0.0, "timed out")
@@ -40,9 +42,6 @@ _READY = "ready"
 _CLOSED = object()  # in the idle queue after close(): each waiter that takes it puts it back for the next
 _START_S = 60.0  # a new worker must import and warm up the checkers within this
 _RETRY_S = 1.0  # between attempts to start a replacement that failed to start
-# Imported once by the forkserver, so that forked workers start with them loaded ("__main__" would not help:
-# Python 3.11's forkserver drops its path, and each child still imports the server's script).
-_PRELOAD = ["rewardserve.verifiers.checks", "math_verify", "jsonschema"]
 # Run once in each new worker: first calls load the LaTeX parser and build caches.
 _WARMUP = (("math", {}, "$1$", "1"), ("json_schema", {"schema": {"type": "object"}}, "{}", None))
 
@@ -136,7 +135,7 @@ class VerifierPool:
         self._loop = asyncio.get_running_loop()
         self._idle = asyncio.Queue()
         if self.start_method == "forkserver":
-            self._ctx.set_forkserver_preload(_PRELOAD)  # no effect if the forkserver already runs
+            self._ctx.set_forkserver_preload(FORKSERVER_PRELOAD)  # no effect if the forkserver already runs
         started = await asyncio.gather(*(self._loop.run_in_executor(None, self._spawn) for _ in range(self.size)),
                                        return_exceptions=True)
         failed = [r for r in started if isinstance(r, BaseException)]

@@ -11,7 +11,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from rewardserve.config import RegistryConfig, ServerSettings
+from rewardserve.config import JudgeEntry, RegistryConfig, ServerSettings
+from rewardserve.engine.registry import head_tokens
+from rewardserve.models.loading import load_model
 from tests.server import serve
 
 TEMPLATE = ("{% if criteria %}Criteria: {{ criteria }}\n{% endif %}Question: {{ prompt }}\nAnswer: {{ response }}\n"
@@ -96,8 +98,9 @@ def test_the_reward_is_the_verdicts_log_odds_alone_and_batched(server, hf, model
     assert len({round(w, 3) for w in want}) == len(want)  # the items' verdicts differ: the test can fail
 
 
-def test_only_the_verdict_rows_of_the_lm_head_are_computed(server, hf):
-    [packed] = server.registry.scorers["judge"].model.backends
+def test_only_the_verdict_rows_of_the_lm_head_are_computed(judge_ckpt, hf):
+    entry = JudgeEntry(name="j", path=str(judge_ckpt), pairwise={"template": PAIR_TEMPLATE})
+    [packed] = load_model(entry, 4096, tokens=head_tokens(entry)).backends
     yes, no = verdict_ids(hf)
     assert tuple(packed.model.score.shape) == (4, hf[0].config.hidden_size)  # yes, no, and the pairwise a, b
     torch.testing.assert_close(packed.model.score[:2].float(), hf[0].lm_head.weight[[yes, no]].float())

@@ -5,6 +5,8 @@ computed past them), and a restarted server finding its Redis from the first req
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import threading
 import time
 
@@ -180,3 +182,30 @@ def test_concurrent_requests_never_leave_state_behind(tiny_ckpt):
         runner = s.registry.get(None).runner
         assert runner.inflight._by_key == {} and runner.batcher.queued_tokens == 0
         assert not any(runner.batcher.lanes)
+
+
+def test_a_killed_engine_process_is_started_again_with_its_models(tiny_ckpt):
+    with serve(*quick(model=str(tiny_ckpt("llama")), lru_items=0, engine="process")) as s, s.client() as c:
+        ref = _reference(s)
+        [engine] = s.registry.engines.values()
+        first = engine.pid
+        os.kill(first, signal.SIGKILL)
+        r = c.post("/v1/score", json={"items": ITEMS, "cache": False})
+        assert r.status_code == 503 and "engine process for cpu died" in r.json()["error"]["message"]
+        for _ in range(600):  # the probe starts a new engine and builds the model again
+            if c.get("/readyz").status_code == 200:
+                break
+            time.sleep(0.05)
+        assert c.get("/readyz").status_code == 200 and engine.pid != first and engine.restarts == 1
+        again = c.post("/v1/score", json={"items": ITEMS, "cache": False}).json()["rewards"]
+        assert again == ref  # the same weights, the same maths: bit for bit
+        assert s.metric("rewardserve_worker_replacements_total", device="cpu") == 1
+
+
+def test_engine_processes_give_the_in_process_scores_bit_for_bit(tiny_ckpt):
+    scores = {}
+    for engine in ("process", "thread"):
+        with serve(*quick(model=str(tiny_ckpt("qwen2")), lru_items=0, engine=engine)) as s, s.client() as c:
+            scores[engine] = c.post("/v1/score", json={"items": ITEMS}).json()["rewards"]
+            assert bool(s.registry.engines) == (engine == "process")
+    assert scores["process"] == scores["thread"]
