@@ -132,7 +132,10 @@ def reward_head_torch(
         h = (h.float() + residual[last_idx].float()).to(hidden.dtype)
     x = h.float()
     normed = norm_weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)).to(hidden.dtype)
-    scores = normed.float() @ head_weight.float().T
+    # one dot product per head rather than a GEMM: a GEMM's rows depend on how many rows share it, and
+    # each score must be the same whatever its batch mates (and this is B x K dot products, not a GEMM's worth)
+    rows = normed.float()
+    scores = torch.stack([(rows * w).sum(-1) for w in head_weight.float()], dim=-1)
     if head_bias is not None:
         scores = scores + head_bias.float()
     return scores
