@@ -39,6 +39,11 @@ class ServerSettings(BaseSettings):
     max_batch_tokens: int = Field(16384, ge=1, description="A batch closes when it holds this many tokens.")
     max_batch_items: int = Field(256, ge=1, description="A batch closes when it holds this many items.")
     max_wait_ms: float = Field(2.0, ge=0, description="A batch closes this long after its first item arrived.")
+    max_step_ms: float = Field(
+        200.0, ge=0, description="A batch holds at most the tokens its device computes in this long (from the "
+        "measured rate), so an item arriving behind queued bulk work waits at most about one such step; 0: "
+        "batches fill to max_batch_tokens.",
+    )
     max_queued_tokens: int = Field(
         1_000_000, ge=1, description="Admission control: beyond this many queued tokens requests get 429."
     )

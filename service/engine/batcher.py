@@ -1,7 +1,10 @@
 """The dynamic batcher: one asyncio task that owns the queue.
 
-A batch closes at `max_batch_tokens` real tokens, `max_batch_items` items, or `max_wait_ms` after its
-oldest item arrived, whichever comes first. It waits for a free worker *before* collecting, so while
+A batch closes at its token budget, `max_batch_items` items, or `max_wait_ms` after its oldest item
+arrived, whichever comes first. The token budget is `max_batch_tokens`, or fewer: what the device
+computes in `max_step_ms` at its measured rate. Big batches buy nothing once the device is busy
+(on CPU tokens/s is flat from 512 to 16k-token batches), but every item of a batch waits for all of
+it, and an interactive item that arrives behind it waits for it too; so a step is kept short. It waits for a free worker *before* collecting, so while
 every device is busy the queue keeps filling and the next batch is larger. Interactive items go
 before bulk ones; items of one request may ride in several batches; items whose client went away
 are dropped when they reach the head of the queue, before they cost compute.
@@ -29,6 +32,7 @@ class Budgets:
     max_items: int  # ... or this many units
     max_wait: float  # ... or this many seconds after its oldest unit arrived
     max_queued: int  # tokens the queue may hold before requests get 429
+    max_step: float = 0.0  # ... or the tokens the device computes in this many seconds (0: no such limit)
 
 
 class Batcher:
@@ -39,6 +43,7 @@ class Batcher:
         self.max_items = budgets.max_items
         self.max_wait = budgets.max_wait
         self.max_queued = budgets.max_queued
+        self.max_step = budgets.max_step
         self.pool = pool
         self.metrics = metrics
         self.model = model_name
@@ -93,6 +98,16 @@ class Batcher:
             return 1
         return max(1, min(60, math.ceil(self.queued_tokens / rate)))
 
+    def step_tokens(self) -> int:
+        """The next batch's token budget: max_tokens, or what the device computes in max_step at its
+        measured rate when that is fewer (a batch always takes at least one item, however long).
+        From small batches the rate reads low, but the budget still grows while a step takes less
+        than max_step, so it settles where a step takes about max_step."""
+        rate = self.pool.tokens_per_second
+        if self.max_step <= 0 or rate <= 0:
+            return self.max_tokens
+        return max(1, min(self.max_tokens, int(rate * self.max_step)))
+
     # -- consumer side (the one task) ---------------------------------------------------------
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._loop(), name="rewardserve-batcher")
@@ -122,10 +137,12 @@ class Batcher:
     async def _collect(self) -> list[WorkItem]:
         batch: list[WorkItem] = []
         tokens = 0
+        budget = self.step_tokens()
+        self.metrics.batch_budget.labels(self.model).set(budget)
         oldest = self._oldest()
         deadline = (oldest.enqueued if oldest else time.perf_counter()) + self.max_wait
         while True:
-            full = self._take(batch, tokens)
+            full = self._take(batch, tokens, budget)
             tokens = sum(it.tokens for it in batch)
             remaining = deadline - time.perf_counter()
             if full or remaining <= 0:
@@ -152,7 +169,7 @@ class Batcher:
             self.waited = 0.7 * self.waited + 0.3 * oldest
         return live
 
-    def _take(self, batch: list[WorkItem], tokens: int) -> bool:
+    def _take(self, batch: list[WorkItem], tokens: int, budget: int) -> bool:
         """Move items from the lanes into `batch`; True when the batch is full."""
         for queue in self.lanes:
             while queue:
@@ -162,12 +179,12 @@ class Batcher:
                     self.queued_tokens -= it.tokens
                     self._drop(it)
                     continue
-                if len(batch) >= self.max_items or (batch and tokens + it.tokens > self.max_tokens):
+                if len(batch) >= self.max_items or (batch and tokens + it.tokens > budget):
                     return True
                 queue.popleft()
                 batch.append(it)
                 tokens += it.tokens
-        return len(batch) >= self.max_items or tokens >= self.max_tokens
+        return len(batch) >= self.max_items or tokens >= budget
 
     def _drop(self, it: WorkItem) -> None:
         if not it.future.done():  # nobody waits for it any more; resolve it so nothing can hang

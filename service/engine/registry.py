@@ -205,7 +205,8 @@ class Registry:
             cache = self.cache.for_model(m.name, KeyMaker(fingerprint, scoring, s.cache_prefix), m.num_labels)
         workers = ModelWorkers(m.backends, self.devices, self.metrics, m.name, s.batch_timeout_s)
         budget = self._budget(entry)
-        batcher = Batcher(Budgets(budget, s.max_batch_items, s.max_wait_ms / 1000, s.max_queued_tokens), workers,
+        batcher = Batcher(Budgets(budget, s.max_batch_items, s.max_wait_ms / 1000, s.max_queued_tokens,
+                                  s.max_step_ms / 1000), workers,
                           self.metrics, m.name)
         self._workers.append(workers)
         self._batchers.append(batcher)

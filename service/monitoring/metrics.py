@@ -53,6 +53,10 @@ class Metrics:
             "rewardserve_batch_tokens", "Real (unpadded) tokens per batch.", ["model"], buckets=TOKEN_BUCKETS,
             registry=r,
         )
+        self.batch_budget = Gauge(
+            "rewardserve_batch_budget_tokens", "Token budget of the latest batch (max_batch_tokens, or what the "
+            "device computes in max_step_ms).", ["model"], registry=r,
+        )
         self.padding_fraction = Histogram(
             "rewardserve_batch_padding_fraction", "Share of computed positions that were padding, per batch.",
             ["model"], buckets=(0.0, 0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 0.9, 1.0), registry=r,

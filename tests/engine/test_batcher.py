@@ -134,8 +134,8 @@ def loaded(ckpt):
     return load(ckpt)
 
 
-def _budgets(max_tokens=16384, max_items=256, max_wait_ms=2.0, max_queued=1_000_000) -> Budgets:
-    return Budgets(max_tokens, max_items, max_wait_ms / 1000, max_queued)
+def _budgets(max_tokens=16384, max_items=256, max_wait_ms=2.0, max_queued=1_000_000, max_step_ms=0.0) -> Budgets:
+    return Budgets(max_tokens, max_items, max_wait_ms / 1000, max_queued, max_step_ms / 1000)
 
 
 def _pool(backends, metrics) -> ModelWorkers:
@@ -226,3 +226,57 @@ def test_admission_rejects_whole_requests(loaded):
         assert err.value.retry_after >= 1 and batcher.queued_tokens == 6
 
     asyncio.run(run())
+
+
+class _Recorder:
+    """A real backend that notes each batch: its items' first tokens, its tokens, and the pool's measured
+    rate when the batch was formed (with one device, the previous batch finished before this one formed)."""
+
+    def __init__(self, inner):
+        self.inner, self.device, self.batches, self.pool = inner, inner.device, [], None
+
+    def score(self, batch):
+        self.batches.append(([u.suffixes[0][0] for u in batch], sum(u.tokens for u in batch),
+                             self.pool.tokens_per_second))
+        return self.inner.score(batch)
+
+
+def _bulk_then_interactive(loaded, max_step_ms: float):
+    """60 bulk items of 120 tokens queue behind a busy device; an interactive item arrives while the
+    first bulk batch runs. -> the recorded batches, and the index of the batch the interactive item rode in."""
+    async def run():
+        metrics = Metrics()
+        recorder = _Recorder(loaded.backends[0])
+        pool = recorder.pool = _pool([recorder], metrics)
+        batcher = Batcher(_budgets(max_step_ms=max_step_ms, max_wait_ms=0), pool, metrics, "m")
+        batcher.start()
+        await asyncio.gather(*_futures(batcher.submit(lone([[3] * 120] * 4, None), Lane.bulk, Ticket())))  # a rate
+        recorder.batches.clear()
+        held = await pool.acquire()
+        bulk = _futures(batcher.submit(lone([[5] * 120] * 60, None), Lane.bulk, Ticket()))
+        pool.release(held)
+        while not recorder.batches:
+            await asyncio.sleep(0.001)
+        running = len(recorder.batches) - 1
+        inter = _futures(batcher.submit(lone([[9] * 10], None), Lane.interactive, Ticket()))
+        await asyncio.gather(*bulk, *inter)
+        await batcher.stop()
+        rode = next(i for i, (firsts, _, _) in enumerate(recorder.batches) if 9 in firsts)
+        return recorder.batches, rode - running
+
+    return asyncio.run(run())
+
+
+def test_a_step_holds_what_the_device_computes_in_max_step_and_interactive_items_wait_one_step(loaded):
+    batches, after = _bulk_then_interactive(loaded, max_step_ms=20)
+    for firsts, tokens, rate in batches:
+        assert rate > 0
+        assert len(firsts) == 1 or tokens <= rate * 0.020, (tokens, rate)
+    assert len(batches) > 3, "the 7,200 queued tokens should have been cut into short steps"
+    assert after == 1, "the interactive item should ride in the batch right after the one it arrived during"
+
+
+def test_without_max_step_a_batch_fills_to_max_batch_tokens(loaded):
+    batches, after = _bulk_then_interactive(loaded, max_step_ms=0)
+    assert batches[0][1] == 60 * 120  # every queued bulk item in the first batch
+    assert after == 1
