@@ -21,10 +21,11 @@ def _bench(*args: str) -> dict:
 
 def test_bench_cache_reports_hits_next_to_healthz(tiny_ckpt):
     require_tool(shutil.which("redis-server") is not None, "redis-server")
-    result = _bench("cache", "--model", str(tiny_ckpt("llama")), "--duration", "0.5", "--concurrency", "4")
-    assert result["bench"] == "cache" and [r["tier"] for r in result["results"]] == ["lru", "redis"]
+    result = _bench("cache", "--model", str(tiny_ckpt("llama")), "--duration", "0.5", "--concurrency", "4",
+                    "--tiers", "lru,redis,miss")
+    assert result["bench"] == "cache" and [r["tier"] for r in result["results"]] == ["lru", "redis", "miss"]
     for row in result["results"]:
-        for phase in ("healthz", "score_hits"):
+        for phase in ("healthz", "score_misses" if row["tier"] == "miss" else "score_hits"):
             assert row[phase]["requests"] > 0 and row[phase]["errors"] == 0
             assert 0 < row[phase]["p50_ms"] <= row[phase]["p99_ms"]
         assert row["hit_rps_vs_healthz"] > 0
@@ -77,3 +78,18 @@ def test_bench_overload_every_request_ends_in_200_429_or_504_and_nothing_is_lost
     assert result["rss_mb"]["peak"] - result["rss_mb"]["before"] < 400  # the same bound as the hostile table
     first, second = result["rss_mb"]["after_each_round"]
     assert second - first < 100  # flat: the second ramp keeps nothing of its own (RSS holds the peak's pages)
+
+
+def test_bench_texts_tokenise_back_to_the_workload_ids():
+    """bench peers sends texts to servers that tokenise them: the benchmark checkpoint's tokenizer must read
+    each text back as exactly the workload's ids (no special tokens, no merges)."""
+    from rewardserve.bench.peers import Peer
+    from rewardserve.bench.throughput import as_text, word_tokenizer, workload
+
+    tok = word_tokenizer(32000)
+    for ids in workload(5, 1, 300, 32000, seed=4) + [[2, 35, 36, 37, 1295, 1296, 31999]]:
+        assert tok(as_text(ids)).input_ids == ids
+    ours, vllm = Peer("rewardserve", "/v1/score", "m"), Peer("vllm", "/classify", "m")
+    assert max(len(as_text(ids)) / len(ids) for ids in workload(5, 1, 300, 151936, seed=5)) <= 5  # vLLM's bound: 6
+    assert ours.body(["a b"]) == {"items": [{"text": "a b"}]}
+    assert vllm.body(["a b", "c"]) == {"model": "m", "input": ["a b", "c"], "use_activation": False}

@@ -18,6 +18,7 @@ class LoadResult:
     errors: int
     seconds: float
     latencies: list[float]
+    units: int = 0  # what the measured requests carried (their `sizes`: tokens, say)
 
     @property
     def rps(self) -> float:
@@ -53,26 +54,29 @@ async def _read_response(reader: asyncio.StreamReader) -> tuple[int, bytes]:
 
 
 async def run_load(host: str, port: int, requests: list[bytes], *, concurrency: int, duration: float,
-                   warmup: float = 0.5) -> LoadResult:
-    """Closed loop: `concurrency` connections each send the next request as soon as the last answered."""
+                   warmup: float = 0.5, sizes: list[int] | None = None) -> LoadResult:
+    """Closed loop: `concurrency` connections each send the next request as soon as the last answered.
+    `sizes[i]`: what request i carries (summed over the answers measured, as LoadResult.units)."""
     latencies: list[float] = []
-    errors = 0
+    errors = units = 0
     stop_at = 0.0
     measure_from = 0.0
 
     async def connection(worker: int) -> None:
-        nonlocal errors
+        nonlocal errors, units
         reader, writer = await asyncio.open_connection(host, port)
         i = worker
         try:
             while (now := time.perf_counter()) < stop_at:
-                writer.write(requests[i % len(requests)])
+                sent = i % len(requests)
+                writer.write(requests[sent])
                 i += concurrency
                 status, _ = await _read_response(reader)
                 done = time.perf_counter()
-                if done >= measure_from:
+                if measure_from <= done <= stop_at:  # answers in the window; the tail's drain is not steady state
                     latencies.append(done - now)
                     errors += status != 200
+                    units += sizes[sent] if sizes and status == 200 else 0
         finally:
             writer.close()
 
@@ -80,7 +84,35 @@ async def run_load(host: str, port: int, requests: list[bytes], *, concurrency: 
     measure_from = start + warmup
     stop_at = measure_from + duration
     await asyncio.gather(*(connection(w) for w in range(concurrency)))
-    return LoadResult(len(latencies), errors, time.perf_counter() - measure_from, latencies)
+    return LoadResult(len(latencies), errors, duration, latencies, units)
+
+
+async def run_all(host: str, port: int, requests: list[bytes], *, concurrency: int,
+                  sizes: list[int] | None = None) -> LoadResult:
+    """Fixed work: `concurrency` connections share `requests`, each sending the next one left as soon as its
+    last answered, until none is left; the time is from the first send to the last answer. For requests so
+    large that a time window would hold only a few answers (and its rate would be rounded to whole ones)."""
+    latencies: list[float] = []
+    errors = units = 0
+    left = iter(range(len(requests)))
+
+    async def connection() -> None:
+        nonlocal errors, units
+        reader, writer = await asyncio.open_connection(host, port)
+        try:
+            for i in left:
+                sent = time.perf_counter()
+                writer.write(requests[i])
+                status, _ = await _read_response(reader)
+                latencies.append(time.perf_counter() - sent)
+                errors += status != 200
+                units += sizes[i] if sizes and status == 200 else 0
+        finally:
+            writer.close()
+
+    start = time.perf_counter()
+    await asyncio.gather(*(connection() for _ in range(concurrency)))
+    return LoadResult(len(latencies), errors, time.perf_counter() - start, latencies, units)
 
 
 @dataclass

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 from tokenizers import Tokenizer
 from tokenizers.models import WordLevel
+from tokenizers.pre_tokenizers import WhitespaceSplit
 from transformers import AutoModelForSequenceClassification, LlamaConfig, PreTrainedTokenizerFast
 
 from rewardserve.config import ModelEntry
@@ -45,16 +46,39 @@ def build_checkpoint(shape: str, max_len: int, path: Path) -> Path:
     torch.manual_seed(0)
     model = AutoModelForSequenceClassification.from_config(cfg)
     model.save_pretrained(path)
-    # the workload is token ids; a minimal tokenizer makes the directory a complete checkpoint
-    vocab = {"<pad>": 0, "<unk>": 1}
-    tok = Tokenizer(WordLevel(vocab, unk_token="<unk>"))
-    PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>").save_pretrained(path)
+    word_tokenizer(cfg.vocab_size).save_pretrained(path)
     return path
+
+
+def _word(i: int) -> str:
+    """Token id `i` as a word: base 36, so a text costs at most 5 characters a token (vLLM refuses texts of
+    more than 6 characters per token of its context before tokenising them)."""
+    digits = "0123456789abcdefghijklmnopqrstuvwxyz"
+    word = ""
+    while True:
+        i, d = divmod(i, 36)
+        word = digits[d] + word
+        if i == 0:
+            return word
+
+
+def word_tokenizer(vocab_size: int) -> PreTrainedTokenizerFast:
+    """One word per token id (see `as_text`), so texts sent to a server tokenise to exactly the workload's
+    ids whichever server's tokenizer reads them; no special tokens are added."""
+    vocab = {"<pad>": 0, "<unk>": 1} | {_word(i): i for i in range(2, vocab_size)}
+    tok = Tokenizer(WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>")
+
+
+def as_text(ids: list[int]) -> str:
+    """The text that the benchmark checkpoint's tokenizer reads back as `ids` (ids >= 2)."""
+    return " ".join(map(_word, ids))
 
 
 def workload(n_items: int, lo: int, hi: int, vocab: int, seed: int = 0) -> list[list[int]]:
     rng = random.Random(seed)
-    return [[rng.randrange(1, vocab) for _ in range(rng.randint(lo, hi))] for _ in range(n_items)]
+    return [[rng.randrange(2, vocab) for _ in range(rng.randint(lo, hi))] for _ in range(n_items)]
 
 
 def batches_by_tokens(seqs: list[list[int]], budget: int) -> list[list[list[int]]]:

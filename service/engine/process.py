@@ -21,6 +21,7 @@ import logging
 import multiprocessing
 import os
 import threading
+import time
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 
@@ -29,7 +30,7 @@ import torch
 from rewardserve.engine.faults import free_device_memory, is_oom
 from rewardserve.models.hf_backend import BatchOutput
 from rewardserve.models.units import Unit
-from rewardserve.runtime import FORKSERVER_PRELOAD
+from rewardserve.runtime import prepare_forkserver
 
 log = logging.getLogger(__name__)
 
@@ -50,14 +51,51 @@ class Tuning:
     log_level: str
 
 
+class ThreadChooser:
+    """Picks a CPU engine's torch thread count per batch by measurement, between all cores and all but
+    one. Why: the front end (HTTP, tokenisation, cache) shares the host's cores with the engine. Under
+    many small requests it keeps a core busy, and an OpenMP team on every core then waits at each
+    barrier for the thread the OS descheduled (measured on the 2-core VM: 1 thread beat 2 by 20% on
+    uncached one-item requests); under few large ones the front end idles and every core should compute
+    (2 threads ran the 41M model 1.95x faster than 1). Each batch's tokens/s is folded into its count's
+    moving average; the better count runs, and now and then a batch tries the other: every `explore`-th
+    batch at first, twice as rarely each time the other loses (up to every `explore_max`-th), so that a
+    settled choice costs little (a try of the slower count is a slow batch). Scores do not depend on the
+    thread count (tests/models/test_batch_invariance.py)."""
+
+    def __init__(self, cores: int, explore: int = 8, explore_max: int = 256):
+        self.choices = sorted({max(1, cores - 1), max(1, cores)})
+        self.rates: dict[int, float] = {}
+        self.explore, self.explore_min, self.explore_max = explore, explore, explore_max
+        self.countdown = explore
+
+    def best(self) -> int:
+        return max(self.choices, key=lambda c: self.rates.get(c, 0.0))
+
+    def pick(self) -> int:
+        untried = [c for c in self.choices if c not in self.rates]
+        if untried:
+            return untried[0]
+        self.countdown -= 1
+        if len(self.choices) > 1 and self.countdown <= 0:
+            return next(c for c in self.choices if c != self.best())
+        return self.best()
+
+    def record(self, threads: int, tokens: int, seconds: float) -> None:
+        rate = tokens / max(seconds, 1e-6)
+        if self.countdown <= 0:  # that was a try of the other count
+            leader = self.best()
+            self.explore = self.explore_min if rate > self.rates[leader] else min(2 * self.explore, self.explore_max)
+            self.countdown = self.explore
+        old = self.rates.get(threads)
+        self.rates[threads] = rate if old is None else 0.7 * old + 0.3 * rate
+
+
 def _engine_main(conn: Connection, device: str, tuning: Tuning) -> None:
     """An engine: build replicas on `device` and score batches for them until the pipe closes."""
     logging.basicConfig(level=tuning.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if device.startswith("cpu"):
-        # all cores but one, which the front end (HTTP, tokenisation) keeps: an OpenMP team that shares its cores
-        # with the event loop waits at every barrier for the thread that was descheduled
-        torch.set_num_threads(tuning.threads or max(1, (os.cpu_count() or 2) - 1))
-    elif tuning.threads:
+    chooser = ThreadChooser(os.cpu_count() or 1) if device.startswith("cpu") and not tuning.threads else None
+    if tuning.threads:
         torch.set_num_threads(tuning.threads)
     if tuning.keep_memory:
         from rewardserve.runtime import keep_freed_memory
@@ -81,8 +119,15 @@ def _engine_main(conn: Connection, device: str, tuning: Tuning) -> None:
                 models[key] = backend
                 answer = {"vocab_size": backend.vocab_size, "attention": backend.attention,
                           "shares_prefix": backend.shares_prefix}
-            else:
+            elif chooser is None:
                 out = models[key].score(payload)
+                answer = (out.scores.numpy(), out.computed_positions, out.real_tokens)
+            else:
+                threads = chooser.pick()
+                torch.set_num_threads(threads)
+                start = time.perf_counter()
+                out = models[key].score(payload)
+                chooser.record(threads, out.real_tokens, time.perf_counter() - start)
                 answer = (out.scores.numpy(), out.computed_positions, out.real_tokens)
             reply = ("ok", answer)
         except BaseException as exc:  # the caller decides what a failure means (engine/faults.py)
@@ -113,7 +158,7 @@ class Engine:
 
     def start(self) -> None:
         if self.start_method == "forkserver":
-            self._ctx.set_forkserver_preload(FORKSERVER_PRELOAD)  # no effect once the forkserver runs
+            prepare_forkserver(self._ctx)
         parent, child = self._ctx.Pipe(duplex=True)
         process = self._ctx.Process(target=_engine_main, args=(child, str(self.device), self.tuning),
                                     name=f"rewardserve-engine-{self.device}", daemon=True)

@@ -32,7 +32,7 @@ import sys
 from multiprocessing.connection import Connection
 from typing import Any, Callable
 
-from rewardserve.runtime import FORKSERVER_PRELOAD
+from rewardserve.runtime import prepare_forkserver
 
 log = logging.getLogger(__name__)
 
@@ -135,7 +135,7 @@ class VerifierPool:
         self._loop = asyncio.get_running_loop()
         self._idle = asyncio.Queue()
         if self.start_method == "forkserver":
-            self._ctx.set_forkserver_preload(FORKSERVER_PRELOAD)  # no effect if the forkserver already runs
+            prepare_forkserver(self._ctx)
         started = await asyncio.gather(*(self._loop.run_in_executor(None, self._spawn) for _ in range(self.size)),
                                        return_exceptions=True)
         failed = [r for r in started if isinstance(r, BaseException)]

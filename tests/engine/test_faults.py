@@ -209,3 +209,28 @@ def test_engine_processes_give_the_in_process_scores_bit_for_bit(tiny_ckpt):
             scores[engine] = c.post("/v1/score", json={"items": ITEMS}).json()["rewards"]
             assert bool(s.registry.engines) == (engine == "process")
     assert scores["process"] == scores["thread"]
+
+
+def test_the_cpu_engine_runs_the_thread_count_that_measured_faster_and_tries_the_other_ever_more_rarely():
+    from rewardserve.engine.process import ThreadChooser
+
+    chooser = ThreadChooser(cores=4, explore=4, explore_max=64)
+    assert chooser.choices == [3, 4]
+
+    def run(batches: int, rates: dict[int, float]) -> list[int]:
+        picks = []
+        for _ in range(batches):
+            threads = chooser.pick()
+            chooser.record(threads, tokens=int(rates[threads]), seconds=1.0)
+            picks.append(threads)
+        return picks
+
+    busy_front_end = {3: 3000.0, 4: 2000.0}  # all cores measure slower
+    picks = run(200, busy_front_end)
+    assert picks[:2] == [3, 4]  # each is measured once before any is preferred
+    tries = picks[2:].count(4)
+    assert 3 <= tries <= 6, picks  # tried after 4, 8, 16, 32, 64, 64 ... batches: a settled choice costs little
+    quiet_front_end = {3: 3000.0, 4: 6000.0}  # now all cores win, and after at most explore_max batches are found to
+    picks = run(200, quiet_front_end)
+    assert picks[-100:].count(4) >= 95, picks
+    assert ThreadChooser(cores=1).choices == [1]
