@@ -16,7 +16,8 @@ COPY kernels ./kernels
 RUN if [ -n "$TORCH_INDEX" ]; then pip install --extra-index-url "$TORCH_INDEX" -c constraints.txt . ; \
     else pip install -c constraints.txt . ; fi \
  && useradd --create-home --uid 10001 rewardserve
-USER rewardserve
+USER 10001
 EXPOSE 8000
-HEALTHCHECK --interval=10s --timeout=3s --start-period=60s CMD python -c "import urllib.request,sys; sys.exit(urllib.request.urlopen('http://127.0.0.1:8000/readyz').status != 200)"
+HEALTHCHECK --interval=10s --timeout=3s --start-period=60s \
+  CMD ["python", "-c", "import urllib.request,sys; sys.exit(urllib.request.urlopen('http://127.0.0.1:8000/readyz').status != 200)"]
 ENTRYPOINT ["rewardserve", "serve"]

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import socket
 import time
 from contextlib import asynccontextmanager
 
@@ -23,6 +25,10 @@ from rewardserve.engine.registry import Registry
 from rewardserve.monitoring.metrics import Metrics
 
 log = logging.getLogger(__name__)
+
+# Which server answered (host:pid), on every response: behind a load balancer, Ray Serve's proxy or a
+# Kubernetes Service, the way to tell replicas apart.
+INSTANCE_HEADER = (b"x-rewardserve-instance", f"{socket.gethostname()}:{os.getpid()}".encode())
 
 
 class RequestMetrics:
@@ -48,6 +54,7 @@ class RequestMetrics:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
+                message["headers"] = [*message.get("headers", ()), INSTANCE_HEADER]
             await send(message)
 
         try:

@@ -1,6 +1,7 @@
 """The `rewardserve` command.
 
     rewardserve serve [--model PATH_OR_ID | --config registry.yaml] [--port 8000] [...]   serve over HTTP
+    rewardserve ray [--config registry.yaml] [--replicas N | --max-replicas N] [...]       the same on Ray Serve
     rewardserve score [INPUT.jsonl|-] [-o OUTPUT.jsonl] [--entry NAME] [...]            score a JSONL file offline
     rewardserve calibrate pairs|length DATA.jsonl [--entry NAME] [--out FIT.json]         fit a transform's map
 
@@ -14,6 +15,7 @@ import argparse
 import asyncio
 import logging
 import sys
+import time
 import types
 import typing
 from typing import Any
@@ -70,6 +72,32 @@ def cmd_serve(args: argparse.Namespace) -> None:
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
                             timeout_graceful_shutdown=10)
     DrainingServer(config, app.state, settings.drain_timeout_s).run()
+
+
+def cmd_ray(args: argparse.Namespace) -> None:
+    try:
+        import ray
+        from ray import serve
+    except ImportError:
+        raise SystemExit("`rewardserve ray` needs Ray Serve: pip install 'rewardserve[ray]'") from None
+    from rewardserve.ray_serve import application, serialised
+
+    settings, registry = settings_from_args(args)
+    ray.init(address=args.address, logging_level=settings.log_level.upper())
+    # Ray Serve's HTTP proxy takes the server's own --host and --port
+    serve.start(http_options={"host": settings.host, "port": settings.port})
+    app = application(*serialised(settings, registry), replicas=args.replicas, min_replicas=args.min_replicas,
+                      max_replicas=args.max_replicas, target_ongoing_requests=args.target_ongoing_requests,
+                      num_cpus=args.num_cpus, num_gpus=args.num_gpus)
+    serve.run(app, name=args.name, route_prefix="/", blocking=False)
+    print(f"rewardserve is serving through Ray Serve at http://{settings.host}:{settings.port}/", flush=True)
+    if args.detach:
+        return
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        serve.delete(args.name)
 
 
 def cmd_score(args: argparse.Namespace) -> None:
@@ -133,6 +161,15 @@ def cmd_bench_attention(args: argparse.Namespace) -> None:
                            args.dtype)).decode())
 
 
+def cmd_bench_peers(args: argparse.Namespace) -> None:
+    from rewardserve.bench.peers import run
+
+    result = run([d.strip() for d in args.dtypes.split(",") if d.strip()], args.rounds, args.warmup_s, args.seconds,
+                 args.min_len, args.max_len, args.vllm_version, args.vllm_venv, args.vllm_reserved_cpus, args.device,
+                 args.server_args.split() if args.server_args else [], args.expect_tokens_per_s, args.batch_requests)
+    print(orjson.dumps(result).decode())
+
+
 def cmd_bench_overload(args: argparse.Namespace) -> None:
     from rewardserve.bench.overload import run
 
@@ -180,6 +217,23 @@ def build_parser() -> argparse.ArgumentParser:
     add_settings_flags(serve)
     serve.set_defaults(func=cmd_serve)
 
+    ray = sub.add_parser("ray", help="serve as a Ray Serve application on a Ray cluster (every serve flag applies "
+                                     "to each replica; --host/--port are Ray Serve's HTTP proxy)")
+    add_settings_flags(ray)
+    ray.add_argument("--address", default=None,
+                     help="Ray cluster to join (auto, or ray://host:10001); default: RAY_ADDRESS, else a local cluster")
+    ray.add_argument("--replicas", type=int, default=1, help="replicas, one device each (without --max-replicas)")
+    ray.add_argument("--min-replicas", type=int, default=1, help="autoscaling floor (with --max-replicas)")
+    ray.add_argument("--max-replicas", type=int, default=None,
+                     help="autoscale between --min-replicas and this on ongoing requests per replica")
+    ray.add_argument("--target-ongoing-requests", type=float, default=64.0,
+                     help="ongoing requests per replica the autoscaler aims for")
+    ray.add_argument("--num-gpus", type=float, default=0.0, help="GPUs per replica (1: a replica per GPU)")
+    ray.add_argument("--num-cpus", type=float, default=1.0, help="CPUs per replica")
+    ray.add_argument("--name", default="rewardserve", help="the Serve application's name")
+    ray.add_argument("--detach", action="store_true", help="leave the application running on the cluster and exit")
+    ray.set_defaults(func=cmd_ray)
+
     score = sub.add_parser("score", help="score a JSONL file (or stdin) offline; writes JSONL")
     score.add_argument("input", nargs="?", default="-", help="JSONL input, one item per line (- for stdin)")
     score.add_argument("-o", "--output", default="-", help="JSONL output (- for stdout)")
@@ -213,7 +267,8 @@ def build_parser() -> argparse.ArgumentParser:
     cache = bench_sub.add_parser("cache", help="100%% cache hits through HTTP vs the same server's /healthz")
     cache.add_argument("--model", default=None, help="checkpoint (default: the embedded model)")
     cache.add_argument("--tiers", default="lru,redis",
-                       help="comma-separated: lru, redis, lru-nomon (LRU with the reward monitor off)")
+                       help="comma-separated: lru, redis, lru-nomon (LRU with the reward monitor off), miss (no "
+                            "cache, distinct items: uncached requests through HTTP)")
     cache.add_argument("--redis-url", default=None, help="use this Redis (default: start a throwaway redis-server)")
     cache.add_argument("--duration", type=float, default=10.0, help="seconds of load per measurement")
     cache.add_argument("--concurrency", type=int, default=32, help="concurrent keep-alive connections")
@@ -252,6 +307,28 @@ def build_parser() -> argparse.ArgumentParser:
     over.add_argument("--rounds", type=int, default=2, help="ramps in a row (memory is read after each)")
     over.add_argument("--server-args", default="", help="more `rewardserve serve` flags, space-separated")
     over.set_defaults(func=cmd_bench_overload)
+
+    peers = bench_sub.add_parser("peers", help="rewardserve vs vLLM on one checkpoint, alternating rounds (installs "
+                                 "vLLM into a venv of its own; not part of make test)")
+    peers.add_argument("--device", default=None, choices=["cpu", "cuda"], help="default: cuda when available")
+    peers.add_argument("--dtypes", default="float32,bfloat16", help="comma-separated, each run in full")
+    peers.add_argument("--rounds", type=int, default=3, help="alternating rounds per dtype (median reported)")
+    peers.add_argument("--warmup-s", type=float, default=15.0, help="seconds of load before measuring")
+    peers.add_argument("--seconds", type=float, default=40.0, help="seconds measured of the single-text workload")
+    peers.add_argument("--batch-requests", type=int, default=6,
+                       help="requests of 64 texts timed in the batch workload (after one per client, unmeasured)")
+    peers.add_argument("--min-len", type=int, default=64, help="shortest text, in tokens")
+    peers.add_argument("--max-len", type=int, default=1024, help="longest text, in tokens")
+    peers.add_argument("--vllm-version", default="0.32.0")
+    peers.add_argument("--vllm-venv", default=None, help="virtualenv with vLLM (default: created under "
+                                                        "~/.cache/rewardserve/peers)")
+    peers.add_argument("--vllm-reserved-cpus", type=int, default=0,
+                       help="VLLM_CPU_NUM_OF_RESERVED_CPU (0: every core computes; vLLM's own default keeps one "
+                            "for its API server); -1: leave vLLM's default")
+    peers.add_argument("--server-args", default="", help="more `rewardserve serve` flags, space-separated")
+    peers.add_argument("--expect-tokens-per-s", type=float, default=None,
+                       help="sizes the pool of distinct texts (default 2e4 on CPU, 1e6 on CUDA)")
+    peers.set_defaults(func=cmd_bench_peers)
 
     attn = bench_sub.add_parser("attention", help="CPU: the C++ attention kernel vs torch SDPA, alone and in the model")
     attn.add_argument("--items", type=int, default=32, help="sequences in the workload (bench throughput's)")
