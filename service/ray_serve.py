@@ -68,4 +68,4 @@ def app_builder(args: dict):
 
 def serialised(settings, registry) -> tuple[dict, dict]:
     """Settings and registry as plain data, for the replicas (set on the driver: flags and RS_* there)."""
-    return (settings.model_dump(mode="json", exclude_unset=False), registry.model_dump(mode="json", exclude_none=True))
+    return (settings.model_dump(mode="json"), registry.model_dump(mode="json", exclude_none=True))

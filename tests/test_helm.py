@@ -28,10 +28,14 @@ def _render(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([_helm(), "template", "rs", str(CHART), *args], capture_output=True, text=True, timeout=60)
 
 
-def _docs(*args: str) -> dict[str, dict]:
+def _all_docs(*args: str) -> list[dict]:
     out = _render(*args)
     assert out.returncode == 0, out.stderr
-    return {d["kind"]: d for d in yaml.safe_load_all(out.stdout) if d}
+    return [d for d in yaml.safe_load_all(out.stdout) if d]
+
+
+def _docs(*args: str) -> dict[str, dict]:
+    return {d["kind"]: d for d in _all_docs(*args)}
 
 
 def _env(deployment: dict) -> dict[str, dict]:
@@ -125,12 +129,6 @@ def test_bad_values_fail_naming_the_value(args, message):
 CI_VALUES = sorted((CHART / "ci").glob("*.yaml"))
 KUBERNETES_VERSION = "1.33.0"  # the schemas every rendered manifest must validate against
 ROOT = CHART.parents[1]
-
-
-def _all_docs(*args: str) -> list[dict]:
-    out = _render(*args)
-    assert out.returncode == 0, out.stderr
-    return [d for d in yaml.safe_load_all(out.stdout) if d]
 
 
 def _kind(docs: list[dict], kind: str) -> list[dict]:

@@ -21,7 +21,6 @@ import contextlib
 import os
 import platform
 import random
-import shutil
 import statistics
 import subprocess
 import sys
@@ -240,8 +239,9 @@ def run(dtypes: list[str], rounds: int, warmup: float, seconds: float, lo: int, 
                       f"p99 {ours['p99_s']:.2f} s | vLLM {theirs['tokens_per_s']:.0f} tok/s p50 {theirs['p50_s']:.2f} s "
                       f"p99 {theirs['p99_s']:.2f} s | tokens/s ratio {summary[w]['tokens_per_s_ratio']}, "
                       f"p99 ratio {summary[w]['p99_ratio']}", flush=True)
-            for w in WORKLOADS:
-                summary[w].pop("rounds") if rounds == 1 else None
+            if rounds == 1:  # the medians are the round
+                for w in WORKLOADS:
+                    del summary[w]["rounds"]
             results[dtype] = summary
     return {"bench": "peers", "device": device_label(torch.device("cuda" if cuda else "cpu")),
             "machine": platform.machine(), "cpus": os.cpu_count(), "vllm": version,
@@ -249,4 +249,4 @@ def run(dtypes: list[str], rounds: int, warmup: float, seconds: float, lo: int, 
             "workloads": {w: {"clients": c, "texts_per_request": n} for w, (c, n) in WORKLOADS.items()},
             "rounds": rounds, "warmup_s": warmup, "seconds": seconds, "batch_requests": batch_requests,
             "server_args": server_args,
-            "results": results, "vllm_exe": shutil.which(str(exe)) or str(exe)}
+            "results": results, "vllm_exe": str(exe)}

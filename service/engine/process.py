@@ -119,15 +119,14 @@ def _engine_main(conn: Connection, device: str, tuning: Tuning) -> None:
                 models[key] = backend
                 answer = {"vocab_size": backend.vocab_size, "attention": backend.attention,
                           "shares_prefix": backend.shares_prefix}
-            elif chooser is None:
-                out = models[key].score(payload)
-                answer = (out.scores.numpy(), out.computed_positions, out.real_tokens)
             else:
-                threads = chooser.pick()
-                torch.set_num_threads(threads)
+                threads = chooser.pick() if chooser else None
+                if threads:
+                    torch.set_num_threads(threads)
                 start = time.perf_counter()
                 out = models[key].score(payload)
-                chooser.record(threads, out.real_tokens, time.perf_counter() - start)
+                if threads:
+                    chooser.record(threads, out.real_tokens, time.perf_counter() - start)
                 answer = (out.scores.numpy(), out.computed_positions, out.real_tokens)
             reply = ("ok", answer)
         except BaseException as exc:  # the caller decides what a failure means (engine/faults.py)

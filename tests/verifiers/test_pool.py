@@ -15,6 +15,7 @@ import pytest
 
 from rewardserve.verifiers.checks import check
 from rewardserve.verifiers.pool import VerifierPool
+from tests.conftest import require_tool
 
 HANG = ("regex", {"pattern": "(a+)+$"}, "a" * 40 + "b", None)  # catastrophic backtracking: re cannot stop it
 SLOW = ("regex", {"pattern": "(a+)+$"}, "a" * 22 + "b", None)  # the same, finishing in ~0.3 s: "no match"
@@ -198,8 +199,8 @@ asyncio.run(main())
 """
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the death signal is Linux's")
 def test_workers_die_with_the_server_even_mid_check():
+    require_tool(sys.platform.startswith("linux"), "Linux (the parent-death signal, PR_SET_PDEATHSIG)")
     out = subprocess.run([sys.executable, "-c", ABANDON], capture_output=True, text=True, timeout=60)
     pids = [int(p) for p in out.stdout.split()]
     assert len(pids) == 2, out.stderr
