@@ -1,11 +1,12 @@
-// Causal attention over packed segments, fp32, for CPUs: rewardserve's one C++ kernel.
+// Causal attention over packed segments, fp32 arithmetic on fp32 or bf16 tensors, for CPUs:
+// rewardserve's one C++ kernel.
 //
 // Why by hand: torch's CPU flash-attention kernel computes the whole L x L square for causal
-// sequences shorter than 512 tokens and half of the wasted blocks above that (measured on the
-// 2-core VM: causal costs the same as non-causal up to L = 512), so it runs at 45-90 GFLOP/s
-// of useful work on the mixed 32..1024-token batches training jobs send. This kernel visits only
-// the keys a query block can see (the diagonal block is the only one masked) and calls the BLAS
-// torch already carries (`sgemm_`, exported by libtorch_cpu) for the two products.
+// sequences shorter than 512 tokens and half of the wasted blocks above that, and BLAS calls on
+// these short products spend a fifth of their time packing operands. This kernel visits only the
+// keys a query block can see, skips every 6-row x 64-key tile above the diagonal, and runs both
+// products in register-blocked micro-kernels on operands it lays out once per block (converting bf16
+// on the way, so a bf16 model needs no fp32 copies of q, k and v).
 //
 // Layout: q (T, Hq, D), k and v (T, Hk, D), out (T, Hq, D), each with its own row stride in
 // elements (q, k, v are views of the fused qkv projection); heads are contiguous within a row.
@@ -17,10 +18,11 @@
 //
 // Work item: one segment, one kv head, one block of BQ query positions. The G = Hq / Hk query
 // heads that share the kv head are stacked into one (G * n) x D matrix, so GQA turns into taller
-// GEMMs. Keys are visited in blocks of BK with the online softmax (running max and sum per row).
-// Items are sorted by cost and handed out through an atomic counter: the threads stay balanced
-// whatever the mix of lengths. Each item depends only on its own segment's rows, so an item's
-// numbers do not depend on the batch it rides in or on the thread count.
+// products. Keys are visited in blocks of BK with the online softmax (running max and sum per row).
+// Runs of items (see below) are sorted by cost and handed out through an atomic counter: the threads
+// stay balanced whatever the mix of lengths. Each item depends only on its own segment's rows, and every score
+// and output is summed in a fixed order (over D, then over the block's keys), so an item's numbers
+// do not depend on the batch it rides in, on where tiles fall, or on the thread count.
 #include <algorithm>
 #include <atomic>
 #include <cmath>
@@ -28,62 +30,135 @@
 #include <cstring>
 #include <vector>
 
-extern "C" void sgemm_(const char*, const char*, const int*, const int*, const int*, const float*,
-                       const float*, const int*, const float*, const int*, const float*, float*,
-                       const int*);
+#include <immintrin.h>
 
 namespace {
 
-constexpr int64_t BQ = 64;   // query positions per item (measured: 32 and 128 no faster)
+constexpr int64_t BQ = 64;   // query positions per item
 constexpr int64_t BK = 512;  // keys per online-softmax step
+#if defined(__AVX512F__)
+constexpr int64_t W = 16;  // floats per vector register (32 of them)
+constexpr int KT = 12;     // micro-tile: KT keys (or dims) x RV vectors of rows, 24 accumulators
+#else
+constexpr int64_t W = 8;   // AVX2: 16 registers
+constexpr int KT = 6;
+#endif
+constexpr int RV = 2;
+constexpr int64_t RT = RV * W;  // rows per tile
+typedef float vec __attribute__((vector_size(W * 4)));
+typedef float uvec __attribute__((vector_size(W * 4), aligned(4), may_alias));
+typedef int32_t ivec __attribute__((vector_size(W * 4)));
+typedef int32_t uivec __attribute__((vector_size(W * 4), aligned(4), may_alias));
 
-// Column-major BLAS: C (m x n) = alpha op(A) op(B) + beta C.
-void gemm(char ta, char tb, int m, int n, int k, float alpha, const float* a, int lda,
-          const float* b, int ldb, float beta, float* c, int ldc) {
-  sgemm_(&ta, &tb, &m, &n, &k, &alpha, a, &lda, b, &ldb, &beta, c, &ldc);
+inline vec load(const float* p) { return *reinterpret_cast<const uvec*>(p); }
+inline void store(float* p, vec x) { *reinterpret_cast<uvec*>(p) = x; }
+inline ivec iload(const int32_t* p) { return *reinterpret_cast<const uivec*>(p); }
+// x in every lane, loaded straight into the broadcast (`vec{} + x` would first add 0.0f to x: -0.0)
+inline vec splat(const float* x) {
+#if defined(__AVX512F__)
+  return _mm512_set1_ps(*x);
+#else
+  return _mm256_broadcast_ss(x);
+#endif
 }
 
-// exp(x) for x <= 0 (softmax after subtracting the row max), written so the compiler vectorises
-// it: Cody-Waite reduction x = n ln2 + r, a degree-6 polynomial for e^r, 2^n put into the
-// exponent bits. Relative error below 2e-7; below -87 it returns about 1.6e-38 instead of 0,
-// which only ever multiplies zeros.
-#pragma omp declare simd
-inline float exp_nonpositive(float x) {
-  x = x < -87.0f ? -87.0f : x;
-  const float n = std::nearbyint(x * 1.44269504088896341f);
-  float r = x - n * 0.693145751953125f;
+inline float bf16_to_f32(uint16_t h) {
+  const uint32_t bits = static_cast<uint32_t>(h) << 16;
+  float f;
+  std::memcpy(&f, &bits, 4);
+  return f;
+}
+
+inline uint16_t f32_to_bf16(float f) {  // round to nearest even, as torch's .to(torch.bfloat16)
+  uint32_t bits;
+  std::memcpy(&bits, &f, 4);
+  if (std::isnan(f)) return 0x7fc0;
+  return static_cast<uint16_t>((bits + 0x7fff + ((bits >> 16) & 1)) >> 16);
+}
+
+// The micro-kernel of both products, on tiles of XX columns by NR vectors of rows:
+//   c[x][r] (+)= sum over t = t0 .. t1-1, in order, of b[x * bx + t * bt] a[t][r]
+// with a and c of row stride rp. Scores: t runs over D, a = Q^T, b = the keys (x a key), c = S^T.
+// Outputs: t runs over the block's keys, a = P^T, b = the values (x a dim), c = O^T, accumulated.
+template <int XX, int NR>
+inline void tile(const float* a, int64_t rp, const float* b, int64_t bx, int64_t bt, int64_t t0, int64_t t1,
+                 float* c, bool accumulate) {
+  vec acc[XX][NR];
+  for (int x = 0; x < XX; ++x)
+    for (int v = 0; v < NR; ++v) acc[x][v] = accumulate ? load(c + x * rp + v * W) : vec{};
+  for (int64_t t = t0; t < t1; ++t) {
+    vec av[NR];
+    for (int v = 0; v < NR; ++v) av[v] = load(a + t * rp + v * W);
+    for (int x = 0; x < XX; ++x) {
+      const vec bv = splat(b + x * bx + t * bt);
+      for (int v = 0; v < NR; ++v) acc[x][v] += bv * av[v];
+    }
+  }
+  for (int x = 0; x < XX; ++x)
+    for (int v = 0; v < NR; ++v) store(c + x * rp + v * W, acc[x][v]);
+}
+
+// `tile` for xx <= KT columns and nr = 1 or RV vectors of rows: the edge tiles are other sizes.
+template <int NR, int XX = KT>
+inline void tile_n(int xx, const float* a, int64_t rp, const float* b, int64_t bx, int64_t bt, int64_t t0,
+                   int64_t t1, float* c, bool accumulate) {
+  if constexpr (XX >= 1) {
+    if (xx == XX) return tile<XX, NR>(a, rp, b, bx, bt, t0, t1, c, accumulate);
+    return tile_n<NR, XX - 1>(xx, a, rp, b, bx, bt, t0, t1, c, accumulate);
+  }
+}
+
+inline void product(int xx, int nr, const float* a, int64_t rp, const float* b, int64_t bx, int64_t bt, int64_t t0,
+                    int64_t t1, float* c, bool accumulate) {
+  if (nr == RV) return tile_n<RV>(xx, a, rp, b, bx, bt, t0, t1, c, accumulate);
+  return tile_n<1>(xx, a, rp, b, bx, bt, t0, t1, c, accumulate);
+}
+
+// exp(x) for x <= 0 (softmax after subtracting the row max), lane by lane: Cody-Waite reduction
+// x = n ln2 + r (n rounded to an integer by adding and subtracting 1.5 * 2^23, exact for |n| < 2^22),
+// a degree-6 polynomial for e^r, 2^n put into the exponent bits. Relative error below 2e-7; below
+// -87 it returns about 1.6e-38 instead of 0, which only ever multiplies zeros.
+inline vec exp_nonpositive(vec x) {
+  x = x < -87.0f ? vec{} - 87.0f : x;
+  const vec n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
+  vec r = x - n * 0.693145751953125f;
   r = r - n * 1.428606765330187e-06f;
-  float p = 1.9875691500e-4f;
+  vec p = vec{} + 1.9875691500e-4f;
   p = p * r + 1.3981999507e-3f;
   p = p * r + 8.3334519073e-3f;
   p = p * r + 4.1665795894e-2f;
   p = p * r + 1.6666665459e-1f;
   p = p * r + 5.0000001201e-1f;
   p = p * r * r + r + 1.0f;
-  int32_t bits;
-  std::memcpy(&bits, &p, 4);
-  bits += static_cast<int32_t>(n) << 23;
-  std::memcpy(&p, &bits, 4);
-  return p;
+  return (vec)((ivec)p + (__builtin_convertvector(n, ivec) << 23));
 }
 
 struct Item {
-  int64_t seg, head, r0, r1, k0;  // kv head, own query rows r0..r1-1, first visible key position k0
+  // kv head, own query rows r0..r1-1 (rows of the segment), first visible key position k0, and the
+  // row of q and out that holds query row r0 (the packed row, or the selection's index)
+  int64_t seg, head, r0, r1, k0, qrow;
 };
 
 struct Args {
-  const float *q, *k, *v;
-  float* out;
+  const void *q, *k, *v;
+  void* out;
+  bool bf16;
   int64_t ldq, ldk, ldv, ldo, g, d, window;
   float scale;
   const int64_t *starts, *prefix_starts, *prefix_lens;
 };
 
-// Scratch of one thread: the stacked query block, its output accumulator, one block of scores,
-// and the running max and sum of every row.
+// Scratch of one thread, for up to `rows` stacked query rows, rp = rows rounded up to whole vectors:
+// the query block transposed (D x rp), its output accumulator transposed (D x rp), one block of
+// scores transposed (BK x rp), the block's keys and values widened to fp32 when they are bf16
+// (BK x D each), and per row the running max and sum, the block's max, and its visible keys.
 struct Scratch {
-  std::vector<float> q, o, s, max, sum;
-  Scratch(int64_t rows, int64_t d) : q(rows * d), o(rows * d), s(rows * BK), max(rows), sum(rows) {}
+  int64_t rp;
+  std::vector<float> qt, ot, st, kb, vb, max, sum;
+  std::vector<int32_t> lo, hi;
+  Scratch(int64_t rows, int64_t d)
+      : rp((rows + W - 1) / W * W), qt(d * rp), ot(d * rp), st(BK * rp), kb(BK * d), vb(BK * d), max(rp),
+        sum(rp), lo(rp), hi(rp) {}
 };
 
 // Packed row of the key at position c of segment `seg`.
@@ -92,97 +167,227 @@ inline int64_t key_row(const Args& a, int64_t seg, int64_t c) {
   return c < p ? a.prefix_starts[seg] + c : a.starts[seg] + c - p;
 }
 
+// Rows r .. r + n - 1 of head h of a fp32 or bf16 tensor as fp32: a pointer and its row stride.
+inline const float* rows_f32(const void* base, bool bf16, int64_t ld, int64_t r, int64_t n, int64_t col, int64_t d,
+                             float* scratch, int64_t& ld_out) {
+  if (!bf16) {
+    ld_out = ld;
+    return static_cast<const float*>(base) + r * ld + col;
+  }
+  const uint16_t* src = static_cast<const uint16_t*>(base) + r * ld + col;
+  for (int64_t c = 0; c < n; ++c)
+    for (int64_t i = 0; i < d; ++i) scratch[c * d + i] = bf16_to_f32(src[c * ld + i]);
+  ld_out = d;
+  return scratch;
+}
+
 void run_item(const Args& a, const Item& w, Scratch& t) {
-  const int64_t n = w.r1 - w.r0, rows = a.g * n, d = a.d, base = a.starts[w.seg];
+  const int64_t n = w.r1 - w.r0, rows = a.g * n, d = a.d, rp = t.rp;
   const int64_t plen = a.prefix_lens[w.seg], end = plen + w.r1;  // keys at positions k0 .. end-1
+  float *qt = t.qt.data(), *ot = t.ot.data(), *st = t.st.data();
+  std::fill_n(qt, d * rp, 0.0f);
   for (int64_t j = 0; j < a.g; ++j)  // row j * n + i: query head head * g + j, position r0 + i
     for (int64_t i = 0; i < n; ++i) {
-      const float* src = a.q + (base + w.r0 + i) * a.ldq + (w.head * a.g + j) * d;
-      float* dst = t.q.data() + (j * n + i) * d;
-      for (int64_t c = 0; c < d; ++c) dst[c] = src[c] * a.scale;
+      const int64_t row = j * n + i, col = (w.head * a.g + j) * d;
+      for (int64_t c = 0; c < d; ++c) {
+        const int64_t at = (w.qrow + i) * a.ldq + col + c;
+        const float x = a.bf16 ? bf16_to_f32(static_cast<const uint16_t*>(a.q)[at]) : static_cast<const float*>(a.q)[at];
+        qt[c * rp + row] = x * a.scale;
+      }
     }
-  std::fill_n(t.o.begin(), rows * d, 0.0f);
-  std::fill_n(t.max.begin(), rows, -INFINITY);
-  std::fill_n(t.sum.begin(), rows, 0.0f);
+  std::fill_n(ot, d * rp, 0.0f);
+  std::fill_n(t.max.begin(), rp, -INFINITY);
+  std::fill_n(t.sum.begin(), rp, 0.0f);
   for (int64_t c0 = w.k0, nk; c0 < end; c0 += nk) {
     nk = std::min(BK, (c0 < plen ? plen : end) - c0);  // a block never straddles prompt and own rows
     const int64_t r = key_row(a, w.seg, c0);
-    const float* kp = a.k + r * a.ldk + w.head * d;
-    const float* vp = a.v + r * a.ldv + w.head * d;
-    // scores, row-major (rows x nk) = Q (rows x d) K^T; as column-major: S^T = K Q^T
-    gemm('T', 'N', nk, rows, d, 1.0f, kp, a.ldk, t.q.data(), d, 0.0f, t.s.data(), nk);
-    for (int64_t row = 0; row < rows; ++row) {
-      const int64_t pos = plen + w.r0 + row % n;
-      const int64_t lo = std::max<int64_t>(a.window > 0 ? pos - a.window + 1 - c0 : 0, 0);
-      const int64_t hi = std::min(nk, pos - c0 + 1);  // visible keys of this row: lo .. hi-1
-      float* s = t.s.data() + row * nk;
-      if (hi <= lo) {
-        std::fill_n(s, nk, 0.0f);
+    int64_t ldk, ldv;
+    const float* kp = rows_f32(a.k, a.bf16, a.ldk, r, nk, w.head * d, d, t.kb.data(), ldk);
+    const float* vp = rows_f32(a.v, a.bf16, a.ldv, r, nk, w.head * d, d, t.vb.data(), ldv);
+    for (int64_t row = 0; row < rp; ++row) {  // the keys of this block each row sees: [lo, hi)
+      if (row >= rows) {
+        t.lo[row] = t.hi[row] = 0;
         continue;
       }
-      float m = t.max[row];
-#pragma omp simd reduction(max : m)
-      for (int64_t c = lo; c < hi; ++c) m = m > s[c] ? m : s[c];
-      float l = 0.0f;
-#pragma omp simd reduction(+ : l)
-      for (int64_t c = lo; c < hi; ++c) {
-        const float p = exp_nonpositive(s[c] - m);
-        s[c] = p;
-        l += p;
-      }
-      std::fill(s, s + lo, 0.0f);
-      std::fill(s + hi, s + nk, 0.0f);
-      if (m != t.max[row]) {  // a new max: rescale what this row has accumulated so far
-        const float alpha = exp_nonpositive(t.max[row] - m);
-        float* o = t.o.data() + row * d;
-        for (int64_t c = 0; c < d; ++c) o[c] *= alpha;
-        t.sum[row] *= alpha;
-        t.max[row] = m;
-      }
-      t.sum[row] += l;
+      const int64_t p = plen + w.r0 + row % n;
+      const int64_t lo = std::max<int64_t>(a.window > 0 ? p - a.window + 1 - c0 : 0, 0);
+      t.lo[row] = static_cast<int32_t>(lo);
+      t.hi[row] = static_cast<int32_t>(std::max<int64_t>(std::min(nk, p - c0 + 1), lo));
     }
-    // O (rows x d) += P (rows x nk) V; as column-major: O^T += V^T P^T
-    gemm('N', 'N', d, rows, nk, 1.0f, vp, a.ldv, t.s.data(), nk, 1.0f, t.o.data(), d);
+    for (int64_t r0 = 0; r0 < rp; r0 += RT) {  // one tile of rows at a time, over the keys it sees
+      const int64_t nr = std::min<int64_t>(RT, rp - r0);
+      const int64_t lo = *std::min_element(&t.lo[r0], &t.lo[r0] + nr);
+      const int64_t hi = *std::max_element(&t.hi[r0], &t.hi[r0] + nr);  // the tile sees keys lo .. hi-1
+      if (hi <= lo) continue;
+      for (int64_t c = lo; c < hi; c += KT)  // scores
+        product(static_cast<int>(std::min<int64_t>(KT, hi - c)), static_cast<int>(nr / W), qt + r0, rp,
+                kp + c * ldk, ldk, 1, 0, d, st + c * rp + r0, false);
+      for (int64_t x0 = r0; x0 < r0 + nr; x0 += W) {  // online softmax, W rows at a time
+        const ivec rlo = iload(&t.lo[x0]), rhi = iload(&t.hi[x0]);
+        vec bmax = vec{} - INFINITY;  // the block's max of each row, over the keys it sees
+        for (int64_t c = lo; c < hi; ++c) {
+          const ivec cv = ivec{} + static_cast<int32_t>(c);
+          const vec sc = load(st + c * rp + x0);
+          bmax = ((cv >= rlo) & (cv < rhi) & (sc > bmax)) ? sc : bmax;
+        }
+        const vec old = load(&t.max[x0]);
+        const vec mx = bmax > old ? bmax : old;
+        const vec alpha = mx == -INFINITY ? vec{} + 1.0f : exp_nonpositive(old - mx);  // rescale what came before
+        store(&t.max[x0], mx);
+        for (int64_t j = 0; j < d; ++j) store(ot + j * rp + x0, load(ot + j * rp + x0) * alpha);
+        vec sum = load(&t.sum[x0]) * alpha;
+        for (int64_t c = lo; c < hi; ++c) {  // probabilities, 0 where a row cannot see the key
+          const ivec cv = ivec{} + static_cast<int32_t>(c);
+          const ivec seen = (cv >= rlo) & (cv < rhi);
+          const vec sc = load(st + c * rp + x0);
+          const vec e = seen ? exp_nonpositive(sc - mx) : vec{};
+          store(st + c * rp + x0, e);
+          sum += e;
+        }
+        store(&t.sum[x0], sum);
+      }
+      const int64_t parts = (d + KT - 1) / KT;  // outputs, D cut into near-equal tiles (64 = 4 x 11 + 2 x 10)
+      for (int64_t part = 0, j = 0; part < parts; ++part) {
+        const int64_t jj = d / parts + (part < d % parts);
+        product(static_cast<int>(jj), static_cast<int>(nr / W), st + r0, rp, vp + j, 1, ldv, lo, hi,
+                ot + j * rp + r0, true);
+        j += jj;
+      }
+    }
   }
   for (int64_t j = 0; j < a.g; ++j)
     for (int64_t i = 0; i < n; ++i) {
       const int64_t row = j * n + i;
       const float inv = 1.0f / t.sum[row];
-      const float* src = t.o.data() + row * d;
-      float* dst = a.out + (base + w.r0 + i) * a.ldo + (w.head * a.g + j) * d;
-      for (int64_t c = 0; c < d; ++c) dst[c] = src[c] * inv;
+      const int64_t at_out = (w.qrow + i) * a.ldo + (w.head * a.g + j) * d;
+      for (int64_t c = 0; c < d; ++c) {
+        const float x = ot[c * rp + row] * inv;
+        if (a.bf16)
+          static_cast<uint16_t*>(a.out)[at_out + c] = f32_to_bf16(x);
+        else
+          static_cast<float*>(a.out)[at_out + c] = x;
+      }
     }
 }
 
 }  // namespace
 
 // Returns 0, or 1 when the shapes are inconsistent (the Python wrapper checks them first).
-extern "C" int rs_causal_attention_f32(const float* q, const float* k, const float* v, float* out,
+// nsel = 0: every row of every segment; q and out are packed like k and v.
+// nsel > 0: only row sel_row[i] of segment sel_seg[i], for i < nsel; q and out then hold one row per
+// selection, in that order (a reward model's last layer needs only its pooled rows' outputs).
+extern "C" int rs_causal_attention(const void* q, const void* k, const void* v, void* out, int64_t bf16,
                                        int64_t ldq, int64_t ldk, int64_t ldv, int64_t ldo,
                                        int64_t hq, int64_t hk, int64_t d, const int64_t* starts,
                                        const int64_t* lens, const int64_t* prefix_starts,
-                                       const int64_t* prefix_lens, int64_t nseg, int64_t window,
+                                       const int64_t* prefix_lens, int64_t nseg, const int64_t* sel_seg,
+                                       const int64_t* sel_row, int64_t nsel, int64_t window,
                                        float scale, int64_t threads) {
   if (hk <= 0 || hq % hk != 0 || d <= 0 || threads <= 0) return 1;
-  const Args a{q, k, v, out, ldq, ldk, ldv, ldo, hq / hk, d, window, scale, starts, prefix_starts,
-               prefix_lens};
-  std::vector<Item> items;
-  for (int64_t s = 0; s < nseg; ++s)
-    for (int64_t r0 = 0; r0 < lens[s]; r0 += BQ) {
-      const int64_t first = prefix_lens[s] + r0;  // position of the block's first query
-      const int64_t k0 = window > 0 ? std::max<int64_t>(first - window + 1, 0) : 0;
-      for (int64_t h = 0; h < hk; ++h) items.push_back({s, h, r0, std::min(lens[s], r0 + BQ), k0});
-    }
-  std::stable_sort(items.begin(), items.end(),
-                   [&](const Item& x, const Item& y) {
-                     return prefix_lens[x.seg] + x.r1 - x.k0 > prefix_lens[y.seg] + y.r1 - y.k0;
-                   });
+  const Args a{q, k, v, out, bf16 != 0, ldq, ldk, ldv, ldo, hq / hk, d, window, scale, starts,
+               prefix_starts, prefix_lens};
+  auto first_key = [&](int64_t s, int64_t r0) {  // position of the first key row r0 of s can see
+    const int64_t first = prefix_lens[s] + r0;
+    return window > 0 ? std::max<int64_t>(first - window + 1, 0) : int64_t{0};
+  };
+  std::vector<Item> items;  // ordered by segment, kv head, then query rows
+  for (int64_t i = 0; i < nsel; ++i) {
+    const int64_t s = sel_seg[i], r = sel_row[i];
+    if (s < 0 || s >= nseg || r < 0 || r >= lens[s]) return 1;
+    for (int64_t h = 0; h < hk; ++h) items.push_back({s, h, r, r + 1, first_key(s, r), i});
+  }
+  if (nsel > 0)
+    std::stable_sort(items.begin(), items.end(), [](const Item& x, const Item& y) {
+      return x.seg != y.seg ? x.seg < y.seg : x.head != y.head ? x.head < y.head : x.r0 < y.r0;
+    });
+  for (int64_t s = 0; s < nseg && nsel == 0; ++s)
+    for (int64_t h = 0; h < hk; ++h)
+      for (int64_t r0 = 0; r0 < lens[s]; r0 += BQ)
+        items.push_back({s, h, r0, std::min(lens[s], r0 + BQ), first_key(s, r0), starts[s] + r0});
+  // A thread takes a run of consecutive items of one segment and head, so the keys and values the
+  // first item fetched are still in its cache for the next (they were read from DRAM once per item
+  // when items went out one by one); runs are short enough to leave 8 per thread to balance.
+  auto cost = [&](const Item& x) { return prefix_lens[x.seg] + x.r1 - x.k0; };
+  int64_t total = 0;
+  for (const Item& x : items) total += cost(x);
+  const int64_t budget = std::max<int64_t>(1, total / (8 * threads));
+  struct Run {
+    size_t begin, end;
+    int64_t cost;
+  };
+  std::vector<Run> runs;
+  for (size_t i = 0; i < items.size(); ++i) {
+    const bool same = !runs.empty() && items[i].seg == items[runs.back().begin].seg &&
+                      items[i].head == items[runs.back().begin].head && runs.back().cost < budget;
+    if (!same) runs.push_back({i, i, 0});
+    runs.back().end = i + 1;
+    runs.back().cost += cost(items[i]);
+  }
+  std::stable_sort(runs.begin(), runs.end(), [](const Run& x, const Run& y) { return x.cost > y.cost; });
   std::atomic<size_t> next(0);
 #pragma omp parallel num_threads(threads)
   {
     Scratch scratch(a.g * BQ, d);
-    for (size_t i = next.fetch_add(1); i < items.size(); i = next.fetch_add(1))
-      run_item(a, items[i], scratch);
+    for (size_t i = next.fetch_add(1); i < runs.size(); i = next.fetch_add(1))
+      for (size_t j = runs[i].begin; j < runs[i].end; ++j) run_item(a, items[j], scratch);
   }
   return 0;
 }
+
+// Rotary embedding in place on q (T, Hq, D) and k (T, Hk, D), fp32 or bf16, row strides ldq and ldk,
+// with per-token tables cos and sin (T, D) fp32 whose two halves are equal (rope_tables builds them
+// so): x1, x2 = the halves of a head; x1 <- x1 c - x2 s, x2 <- x2 c + x1 s. Bit-identical to
+// kernels/rope.py's rope_cpu (and so to HF): every product and sum rounded on its own (no fused
+// multiply-add, hence fp-contract off), in bf16 each rounded to bf16 as torch's bf16 ops do, with
+// the tables rounded to bf16 first. One pass over q and k, where torch's ops take eight and allocate.
+#pragma GCC push_options
+#pragma GCC optimize("fp-contract=off")
+namespace {
+template <bool BF16>
+void rope_rows(void* x, int64_t ld, int64_t heads, int64_t d, const float* cos, const float* sin, int64_t ldc,
+               int64_t t) {
+  const int64_t half = d / 2;
+  const float* c = cos + t * ldc;
+  const float* s = sin + t * ldc;
+  for (int64_t h = 0; h < heads; ++h) {
+    if constexpr (BF16) {
+      uint16_t* p = static_cast<uint16_t*>(x) + t * ld + h * d;
+      for (int64_t i = 0; i < half; ++i) {
+        const float cb = bf16_to_f32(f32_to_bf16(c[i])), sb = bf16_to_f32(f32_to_bf16(s[i]));
+        const float x1 = bf16_to_f32(p[i]), x2 = bf16_to_f32(p[i + half]);
+        const float a = bf16_to_f32(f32_to_bf16(x1 * cb)), b = bf16_to_f32(f32_to_bf16(x2 * sb));
+        const float e = bf16_to_f32(f32_to_bf16(x2 * cb)), f = bf16_to_f32(f32_to_bf16(x1 * sb));
+        p[i] = f32_to_bf16(a - b);
+        p[i + half] = f32_to_bf16(e + f);
+      }
+    } else {
+      float* p = static_cast<float*>(x) + t * ld + h * d;
+#pragma omp simd
+      for (int64_t i = 0; i < half; ++i) {
+        const float x1 = p[i], x2 = p[i + half];
+        const float a = x1 * c[i], b = x2 * s[i], e = x2 * c[i], f = x1 * s[i];
+        p[i] = a - b;
+        p[i + half] = e + f;
+      }
+    }
+  }
+}
+}  // namespace
+
+extern "C" int rs_rope_inplace(void* q, void* k, int64_t bf16, int64_t T, int64_t hq, int64_t hk, int64_t d,
+                               int64_t ldq, int64_t ldk, const float* cos, const float* sin, int64_t ldc,
+                               int64_t threads) {
+  if (d % 2 != 0 || threads <= 0) return 1;
+#pragma omp parallel for num_threads(threads) schedule(static)
+  for (int64_t t = 0; t < T; ++t) {
+    if (bf16) {
+      rope_rows<true>(q, ldq, hq, d, cos, sin, ldc, t);
+      rope_rows<true>(k, ldk, hk, d, cos, sin, ldc, t);
+    } else {
+      rope_rows<false>(q, ldq, hq, d, cos, sin, ldc, t);
+      rope_rows<false>(k, ldk, hk, d, cos, sin, ldc, t);
+    }
+  }
+  return 0;
+}
+#pragma GCC pop_options

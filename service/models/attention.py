@@ -6,7 +6,7 @@ prefix's keys and values and then to its own past (positions continue after the 
 - CUDA: `torch.nn.attention.varlen.varlen_attn` (FlashAttention over cu_seqlens; GQA and sliding
   windows natively). A response's keys are its prefix's followed by its own; FlashAttention aligns
   the causal mask bottom-right when there are more keys than queries, which is exactly that.
-- CPU (fp32; bf16 converted to fp32 around it): every segment goes, in one call per layer, to
+- CPU (fp32 arithmetic on fp32 or bf16 tensors): every segment goes, in one call per layer, to
   rewardserve's C++ kernel (kernels/attention_cpu.py: only the keys a query block can see are computed, and a response
   reads its prompt's keys in place; torch's CPU flash kernel computes the whole causal square below
   512 tokens).
@@ -130,11 +130,9 @@ def packed_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, b
         batch.attention_plan = _plan(batch, kernel is not None)
     if kernel is not None:  # the plan is one call that covers every segment
         [call] = batch.attention_plan
-        # bf16 runs in fp32, one conversion each way (measured +16% tokens/s over bf16 SDPA for the
-        # bench model, and closer to the fp32 scores); for fp32 both conversions are no-ops
-        o = kernel(q.float(), k.float(), v.float(), call.starts, call.lens, window, None, call.prefix_starts,
-                   call.prefix_lens)
-        return o.to(q.dtype).reshape(T, Hq * D)
+        # bf16 is computed in fp32 inside the kernel (widened as it is read, rounded once on the way out)
+        o = kernel(q, k, v, call.starts, call.lens, window, None, call.prefix_starts, call.prefix_lens)
+        return o.reshape(T, Hq * D)
     out = torch.empty(T, Hq, D, dtype=q.dtype, device=q.device)
     gqa = Hq != k.shape[1]
     for call in batch.attention_plan:
@@ -148,6 +146,24 @@ def packed_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, b
         o = _sdpa(qs, ks, vs, call.prefix, window, gqa)
         out[call.q_idx[call.valid]] = o.transpose(1, 2)[call.valid]
     return out.reshape(T, Hq * D)
+
+
+def pooled_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch, window: int | None,
+                            kernel=None) -> torch.Tensor:
+    """The attention outputs of the batch's pooled rows only (`batch.last_idx`), in that order:
+    (B, Hq * D). A reward model's last layer needs nothing else. The CPU kernel computes just those
+    queries against the keys each can see; the other paths compute every row and keep the pooled ones."""
+    T, Hq, D = q.shape
+    if kernel is None or q.is_cuda:
+        return packed_causal_attention(q, k, v, batch, window, kernel)[batch.last_idx]
+    if batch.attention_plan is None:
+        batch.attention_plan = _plan(batch, True)
+    [call] = batch.attention_plan
+    seg = torch.tensor(batch.pool_segments, dtype=torch.long)
+    row = batch.last_idx - call.starts[seg]
+    o = kernel(q[batch.last_idx], k, v, call.starts, call.lens, window, None, call.prefix_starts,
+               call.prefix_lens, select=(seg, row))
+    return o.reshape(-1, Hq * D)
 
 
 def _sdpa(qs, ks, vs, prefix: int, window: int | None, gqa: bool) -> torch.Tensor:

@@ -13,7 +13,7 @@ On CUDA the elementwise ops are Triton kernels (kernels/); on CPU their PyTorch 
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -21,12 +21,12 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from torch import nn
 
-from rewardserve.kernels.attention_cpu import load_kernel
+from rewardserve.kernels.attention_cpu import load_kernel, load_rope
 from rewardserve.kernels.reward_head import reward_head_torch, reward_head_triton
 from rewardserve.kernels.rmsnorm import rmsnorm_cpu, rmsnorm_triton
 from rewardserve.kernels.rope import rope_cpu, rope_tables, rope_triton
 from rewardserve.kernels.swiglu import silu_mul_, swiglu_triton
-from rewardserve.models.attention import packed_causal_attention
+from rewardserve.models.attention import packed_causal_attention, pooled_causal_attention
 from rewardserve.models.units import Unit
 
 FAMILIES = ("llama", "qwen2", "qwen3", "mistral")
@@ -139,6 +139,9 @@ class Ops:
         self.gather_rope_once = not cuda  # the Triton kernel gathers the tables itself
         native = device.type == "cpu" and dtype in (torch.float32, torch.bfloat16) and attention_kernel
         self.attention_kernel = load_kernel() if native else None  # None: torch SDPA
+        rope_inplace = load_rope() if self.attention_kernel else None  # the same numbers as rope_cpu, one pass
+        if rope_inplace is not None:
+            self.rope = lambda q, k, cos, sin, positions: rope_inplace(q, k, cos, sin)
         self.attention_name = "varlen_attn" if cuda else "C++ kernel" if self.attention_kernel else "SDPA"
 
 
@@ -181,7 +184,10 @@ class Block(nn.Module):
             for layer in layers:
                 layer.weight.data = layer.weight.data.new_empty(0)
 
-    def forward(self, x, residual, ops: Ops, rope, batch):
+    def forward(self, x, residual, ops: Ops, rope, batch, pooled_only: bool = False):
+        """-> (stream, residual) after this block, for every row, or with `pooled_only` (the last
+        block) for the batch's pooled rows only: every row's keys and values are still computed, but
+        attention's queries, the output projection and the MLP run on those B rows alone."""
         cfg = self.cfg
         h, residual = ops.rmsnorm(x, self.attn_norm, cfg.eps, residual)  # (T, H)
         qkv = ops.linear(h, *self.gemm["qkv"])  # (T, (Hq + 2 Hk) D)
@@ -193,7 +199,11 @@ class Block(nn.Module):
             q, _ = ops.rmsnorm(q, self.q_norm, cfg.eps)
             k, _ = ops.rmsnorm(k, self.k_norm, cfg.eps)
         q, k = ops.rope(q, k, *rope)
-        attn = packed_causal_attention(q, k, v, batch, self.window, ops.attention_kernel)  # (T, Hq D)
+        if pooled_only:
+            attn = pooled_causal_attention(q, k, v, batch, self.window, ops.attention_kernel)  # (B, Hq D)
+            residual = residual[batch.last_idx]
+        else:
+            attn = packed_causal_attention(q, k, v, batch, self.window, ops.attention_kernel)  # (T, Hq D)
         if ops.chunk_tokens is not None:
             return self._mlp_chunked(attn, residual, ops), None
         h, residual = ops.rmsnorm(ops.linear(attn, *self.gemm["o"]), self.mlp_norm, cfg.eps, residual)
@@ -236,12 +246,13 @@ class PackedBatch:
     last_idx: torch.Tensor  # (B,) packed index of each scored row's pooled token
     device: torch.device
     attention_plan: list | None = None  # built by the attention on first use, shared by every layer
+    pool_segments: list[int] = field(default_factory=list)  # (B,) the segment of each pooled row
 
     @classmethod
     def build(cls, units: list[Unit], device) -> "PackedBatch":
         ids: list[int] = []
         positions: list[torch.Tensor] = []
-        cu, parents, last = [0], [], []
+        cu, parents, last, pool_segments = [0], [], [], []
 
         def segment(tokens: list[int], start_pos: int, parent: int) -> int:
             ids.extend(tokens)
@@ -255,8 +266,10 @@ class PackedBatch:
             for suffix, pools in zip(u.suffixes, u.pools):
                 seg = segment(suffix, len(u.prefix), parent)
                 last.extend(cu[seg] + q for q in pools)
+                pool_segments.extend([seg] * len(pools))
         return cls(torch.tensor(ids, dtype=torch.long, device=device), torch.cat(positions).to(device), cu,
-                   parents, torch.tensor(last, dtype=torch.long, device=device), torch.device(device))
+                   parents, torch.tensor(last, dtype=torch.long, device=device), torch.device(device),
+                   pool_segments=pool_segments)
 
 
 class PackedRewardModel(nn.Module):
@@ -293,10 +306,12 @@ class PackedRewardModel(nn.Module):
             rope = (self.rope_cos[batch.positions], self.rope_sin[batch.positions], None)
         else:
             rope = (self.rope_cos, self.rope_sin, batch.positions)
-        for block in self.blocks:
-            x, residual = block(x, residual, self.ops, rope, batch)
-        # final norm + gather of each sequence's pooled token + every head, fp32 accumulation: (B, K)
-        return self.ops.reward_head(x, batch.last_idx, self.norm, self.cfg.eps, self.score, self.score_bias, residual)
+        last = len(self.blocks) - 1
+        for i, block in enumerate(self.blocks):  # the last block computes the pooled rows only
+            x, residual = block(x, residual, self.ops, rope, batch, pooled_only=i == last)
+        # final norm + every head of each pooled row, fp32 accumulation: (B, K)
+        rows = torch.arange(x.shape[0], device=x.device)
+        return self.ops.reward_head(x, rows, self.norm, self.cfg.eps, self.score, self.score_bias, residual)
 
 
 def _hf_tensors(model_dir: Path):

@@ -122,13 +122,67 @@ def test_contiguous_and_strided_inputs_agree_and_out_rows_outside_sequences_are_
     torch.testing.assert_close(out[30:], plain[30:], atol=0, rtol=0)
 
 
+@pytest.mark.parametrize("window", [None, 5, 600], ids=lambda w: f"window{w}")
+@pytest.mark.parametrize("heads", [(8, 4, 64), (6, 1, 16), (3, 3, 1)], ids=str)
+def test_selected_rows_equal_those_rows_of_the_full_output(kernel, heads, window):
+    """The last layer's mode: only some query rows (a segment's last, several of one segment, the first,
+    a response's rows after its 600-token prompt), in any order, q and out holding one row each."""
+    prompt, lens = 600, [600, 1030, 1, 130, 7, 65]
+    q, k, v, starts, lens_t = _packed(*heads, lens)
+    pre_starts = torch.zeros(len(lens), dtype=torch.int64)
+    pre_lens = torch.tensor([0, 0, 0, prompt, prompt, 0])  # segments 3 and 4 answer segment 0
+    full = kernel(q, k, v, starts, lens_t, window, None, pre_starts, pre_lens)
+    seg = torch.tensor([1, 2, 3, 1, 4, 0, 5, 1, 3])
+    row = torch.tensor([1029, 0, 129, 0, 6, 599, 64, 511, 0])
+    packed_rows = starts[seg] + row
+    out = kernel(q[packed_rows], k, v, starts, lens_t, window, None, pre_starts, pre_lens, select=(seg, row))
+    assert out.shape == (len(seg), heads[0], heads[2])
+    torch.testing.assert_close(out, full[packed_rows], **TOL)
+    ref = causal_attention_torch(q[packed_rows], k, v, starts, lens_t, window, pre_starts, pre_lens, (seg, row))
+    torch.testing.assert_close(out, ref, **TOL)
+    # a row's output does not depend on which other rows are selected with it
+    alone = kernel(q[packed_rows[:1]], k, v, starts, lens_t, window, None, pre_starts, pre_lens,
+                   select=(seg[:1], row[:1]))
+    assert torch.equal(alone, out[:1])
+    nothing = kernel(q[:0], k, v, starts, lens_t, window, None, pre_starts, pre_lens,
+                     select=(seg[:0], row[:0]))
+    assert nothing.shape == (0, heads[0], heads[2])
+
+
+@pytest.mark.parametrize("heads", [(8, 4, 64), (7, 7, 80), (3, 3, 1)], ids=str)
+def test_bf16_inputs_are_widened_once_and_the_output_rounded_once(kernel, heads):
+    """bf16 q, k, v (strided views, a prompt and its response, a window) give exactly the fp32 kernel's
+    output on the same values, rounded to bf16: no fp32 copies are needed around the kernel."""
+    q, k, v, _, _ = _packed(*heads, [300, 70, 1])
+    q, k, v = (t.bfloat16() for t in (q, k, v))
+    starts, lens = torch.tensor([0, 300, 370]), torch.tensor([300, 70, 1])
+    pre_starts, pre_lens = torch.zeros(3, dtype=torch.int64), torch.tensor([0, 300, 0])
+    for window in (None, 50):
+        got = kernel(q, k, v, starts, lens, window, None, pre_starts, pre_lens)
+        assert got.dtype == torch.bfloat16
+        want = kernel(q.float(), k.float(), v.float(), starts, lens, window, None, pre_starts, pre_lens)
+        assert torch.equal(got, want.bfloat16())
+
+
+def test_bad_selections_are_refused_with_their_reason(kernel):
+    q, k, v, starts, lens = _packed(4, 2, 8, [5, 3])
+    with pytest.raises(ValueError, match="within its segment"):
+        kernel(q[:1], k, v, starts, lens, None, select=(torch.tensor([1]), torch.tensor([3])))
+    with pytest.raises(ValueError, match="within its segment"):
+        kernel(q[:1], k, v, starts, lens, None, select=(torch.tensor([2]), torch.tensor([0])))
+    with pytest.raises(ValueError, match="one \\(segment, row\\) per query row"):
+        kernel(q[:2], k, v, starts, lens, None, select=(torch.tensor([0]), torch.tensor([0])))
+
+
 def test_bad_arguments_are_refused_with_their_reason(kernel):
     q, k, v, starts, lens = _packed(6, 4, 8, [5])
     with pytest.raises(ValueError, match="inconsistent shapes"):  # 6 query heads cannot share 4 kv heads
         kernel(q, k, v, starts, lens, None)
     q, k, v, starts, lens = _packed(4, 2, 8, [5])
-    with pytest.raises(TypeError, match="fp32 only"):
-        kernel(q.bfloat16(), k.bfloat16(), v.bfloat16(), starts, lens, None)
+    with pytest.raises(TypeError, match="fp32 or bf16"):
+        kernel(q.half(), k.half(), v.half(), starts, lens, None)
+    with pytest.raises(TypeError, match="all three alike"):
+        kernel(q.bfloat16(), k, v, starts, lens, None)
     with pytest.raises(ValueError, match="within the packed rows"):
         kernel(q, k, v, starts, torch.tensor([6]), None)
     with pytest.raises(ValueError, match="non-empty"):

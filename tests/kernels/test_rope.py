@@ -144,3 +144,42 @@ def test_cpu_version_is_bit_identical_to_reference(shape, dtype, gathered):
         assert out.dtype == dtype and out.shape == ref.shape
         assert torch.equal(out, ref)
     assert torch.equal(q, q_in) and torch.equal(k, k_in)  # inputs untouched
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_compiled_in_place_version_is_bit_identical_to_reference(shape, dtype):
+    """The C++ rope the packed CPU model runs (beside the attention kernel): in place on strided views
+    of the fused qkv, equal bit for bit to the reference, v's columns untouched."""
+    from rewardserve.kernels.attention_cpu import load_rope
+    from tests.conftest import KERNEL_TOOL, attention_kernel_builds, require_tool
+
+    require_tool(attention_kernel_builds(), KERNEL_TOOL)
+    rope = load_rope()
+    T, n_q, n_k, D = shape
+    cos, sin = (t.cpu() for t in _tables(D))
+    q, k, positions = (t.cpu() for t in _qk(T, n_q, n_k, D, dtype, seed=4))
+    qkv = q._base
+    v_before = qkv[:, (n_q + n_k) * D:].clone()
+    want_q, want_k = rope_torch(q, k, cos, sin, positions)
+    got_q, got_k = rope(q, k, cos[positions], sin[positions])
+    assert got_q.data_ptr() == q.data_ptr() and got_k.data_ptr() == k.data_ptr()
+    assert torch.equal(got_q, want_q) and torch.equal(got_k, want_k)
+    assert torch.equal(qkv[:, (n_q + n_k) * D:], v_before)
+
+
+def test_compiled_rope_refuses_what_it_cannot_do():
+    from rewardserve.kernels.attention_cpu import load_rope
+    from tests.conftest import KERNEL_TOOL, attention_kernel_builds, require_tool
+
+    require_tool(attention_kernel_builds(), KERNEL_TOOL)
+    rope = load_rope()
+    cos, sin = (t.cpu() for t in _tables(8))
+    q, k, positions = (t.cpu() for t in _qk(5, 2, 1, 8, torch.float32))
+    c, s = cos[positions], sin[positions]
+    with pytest.raises(TypeError, match="fp32 or bf16"):
+        rope(q.half(), k.half(), c, s)
+    with pytest.raises(ValueError, match="inconsistent shapes"):
+        rope(q, k, c[:4], s[:4])
+    with pytest.raises(ValueError, match="contiguous heads"):
+        rope(q.transpose(1, 2).contiguous().transpose(1, 2), k, c, s)

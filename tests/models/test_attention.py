@@ -61,3 +61,31 @@ def test_the_flashattention_arguments_describe_our_attention(monkeypatch):
         ref = causal_attention_torch(q, k, v, starts, lens_t, window, pre_starts, pre_lens)
         torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
         assert CALLS == [dict(max_q=40, max_k=57, window_size=(window - 1 if window else -1, 0), num_splits=1)]
+
+
+def test_pooled_attention_equals_the_pooled_rows_of_the_full_attention():
+    """The last layer's attention: only the pooled rows, in last_idx order, on the C++ kernel (queries
+    against the keys each sees) and on SDPA (every row, then the pooled ones)."""
+    from rewardserve.kernels.attention_cpu import load_kernel
+    from rewardserve.models.units import Unit
+    from tests.conftest import KERNEL_TOOL, attention_kernel_builds, require_tool
+
+    require_tool(attention_kernel_builds(), KERNEL_TOOL)
+    kernel = load_kernel()
+    # a whole sequence pooled at its end, a prompt with two responses (one pooled at three steps), a
+    # one-token sequence
+    units = [Unit(prefix=[], suffixes=[[5] * 70], pools=[[69]]),
+             Unit(prefix=[7] * 40, suffixes=[[3] * 9, [4] * 30], pools=[[8], [0, 12, 29]]),
+             Unit(prefix=[], suffixes=[[9]], pools=[[0]])]
+    batch = PackedBatch.build(units, "cpu")
+    T, hq, hk, d = len(batch.input_ids), 8, 4, 16
+    g = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(T, h, d, generator=g) for h in (hq, hk, hk))
+    for window in (None, 6):
+        for fn in (kernel, None):
+            batch.attention_plan = None
+            full = attention.packed_causal_attention(q, k, v, batch, window, fn)
+            batch.attention_plan = None
+            pooled = attention.pooled_causal_attention(q, k, v, batch, window, fn)
+            assert pooled.shape == (len(batch.last_idx), hq * d)
+            torch.testing.assert_close(pooled, full[batch.last_idx], atol=1e-5, rtol=1e-5)
