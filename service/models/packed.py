@@ -165,6 +165,7 @@ class Block(nn.Module):
         up are projected apart (see `_mlp_chunked`); with oneDNN the weights are packed and the
         modules' own copies released, so the model does not hold its weights twice."""
         layers = (self.wqkv, self.wo, self.w_gate_up, self.w_down)
+        self.gemm_out = {"qkv": self.wqkv.out_features}
         if ops.chunk_tokens is None:
             names = ("qkv", "o", "gate_up", "down")
             self.gemm = {name: (layer.weight, layer.bias) for name, layer in zip(names, layers)}
@@ -178,9 +179,7 @@ class Block(nn.Module):
             "down": (self.w_down.weight, self.w_down.bias),
         }
         if ops.onednn:
-            whole_batch = ("qkv",)  # the others run on chunks of chunk_tokens rows
-            self.gemm = {name: (onednn_pack(w, None if name in whole_batch else ops.chunk_tokens), b)
-                         for name, (w, b) in self.gemm.items()}
+            self.gemm = {name: (onednn_pack(w, ops.chunk_tokens), b) for name, (w, b) in self.gemm.items()}
             for layer in layers:
                 layer.weight.data = layer.weight.data.new_empty(0)
 
@@ -189,8 +188,11 @@ class Block(nn.Module):
         block) for the batch's pooled rows only: every row's keys and values are still computed, but
         attention's queries, the output projection and the MLP run on those B rows alone."""
         cfg = self.cfg
-        h, residual = ops.rmsnorm(x, self.attn_norm, cfg.eps, residual)  # (T, H)
-        qkv = ops.linear(h, *self.gemm["qkv"])  # (T, (Hq + 2 Hk) D)
+        if ops.chunk_tokens is None:
+            h, residual = ops.rmsnorm(x, self.attn_norm, cfg.eps, residual)  # (T, H)
+            qkv = ops.linear(h, *self.gemm["qkv"])  # (T, (Hq + 2 Hk) D)
+        else:
+            qkv, residual = self._qkv_chunked(x, residual, ops)
         q, k, v = qkv.split([cfg.heads * cfg.head_dim, cfg.kv_heads * cfg.head_dim, cfg.kv_heads * cfg.head_dim], -1)
         q = q.view(-1, cfg.heads, cfg.head_dim)  # (T, Hq, D)
         k = k.view(-1, cfg.kv_heads, cfg.head_dim)  # (T, Hk, D)
@@ -209,6 +211,19 @@ class Block(nn.Module):
         h, residual = ops.rmsnorm(ops.linear(attn, *self.gemm["o"]), self.mlp_norm, cfg.eps, residual)
         act = ops.swiglu(ops.linear(h, *self.gemm["gate_up"]))
         return ops.linear(act, *self.gemm["down"]), residual
+
+    def _qkv_chunked(self, x: torch.Tensor, residual: torch.Tensor | None, ops: Ops):
+        """RMSNorm and the fused q, k, v projection a chunk of tokens at a time -> (qkv, stream).
+
+        Why: the normalised chunk is still in the CPU's caches when the GEMM reads it, and oneDNN ran
+        this projection's shape at 218 GFLOP/s on 2048 rows against 183 on 16k (the 2-core VM)."""
+        stream = x if residual is None else x + residual
+        qkv = torch.empty(x.shape[0], self.gemm_out["qkv"], dtype=x.dtype, device=x.device)
+        for start in range(0, x.shape[0], ops.chunk_tokens):
+            rows = slice(start, start + ops.chunk_tokens)
+            h, _ = ops.rmsnorm(stream[rows], self.attn_norm, self.cfg.eps)
+            qkv[rows] = ops.linear(h, *self.gemm["qkv"])
+        return qkv, stream
 
     def _mlp_chunked(self, attn: torch.Tensor, residual: torch.Tensor, ops: Ops) -> torch.Tensor:
         """Output projection, residual add, RMSNorm, SwiGLU MLP and second residual add, a chunk of
