@@ -40,6 +40,27 @@ def test_bench_throughput_runs_all_three_paths_and_prints_json():
         assert row["tokens_per_s"] > 0 and 0 < row["fraction_of_limit"]
     assert result["gemm_flops"] > 0 and result["model_flops_per_token"] > 0
     assert len(result["gemm_flops_per_round"]) == 1  # measured in each round beside the paths
+    packed = result["paths"]["c_packed"]
+    executed = result["executed_flops_per_token"] / result["model_flops_per_token"]
+    assert packed["executed_fraction_of_limit"] == pytest.approx(packed["fraction_of_limit"] * executed, rel=0.02)
+
+
+def test_executed_flops_count_the_last_layer_for_pooled_rows_only():
+    """By hand, for 2 layers and two sequences of 3 and 5 tokens: layer 1 in full; layer 2's qkv for
+    all 8 tokens, its o projection and MLP for 2 pooled rows, and their attention over 3 and 5 keys."""
+    from types import SimpleNamespace
+
+    from rewardserve.bench.throughput import executed_flops_per_token, model_flops_per_token
+
+    cfg = SimpleNamespace(hidden_size=8, intermediate_size=12, num_hidden_layers=2, num_attention_heads=4,
+                          num_key_value_heads=2)
+    seqs = [[1] * 3, [1] * 5]
+    h, i, q, kv = 8, 12, 8, 4
+    layer = 2 * (h * (q + 2 * kv) + q * h + 3 * h * i)  # per token
+    attention = 2 * 2 * q * (3 * 4 / 2 + 5 * 6 / 2)  # per layer, all 8 tokens
+    assert model_flops_per_token(cfg, seqs) == pytest.approx(2 * layer + 2 * attention / 8)
+    last = 8 * 2 * h * (q + 2 * kv) + 2 * 2 * (q * h + 3 * h * i) + 2 * 2 * q * (3 + 5)  # all 8 tokens
+    assert executed_flops_per_token(cfg, seqs) == pytest.approx(layer + attention / 8 + last / 8)
 
 
 @pytest.mark.parametrize("dtype,tol", [("float32", 1e-5), ("bfloat16", 0.05)])
