@@ -149,19 +149,45 @@ def test_selected_rows_equal_those_rows_of_the_full_output(kernel, heads, window
     assert nothing.shape == (0, heads[0], heads[2])
 
 
-@pytest.mark.parametrize("heads", [(8, 4, 64), (7, 7, 80), (3, 3, 1)], ids=str)
-def test_bf16_inputs_are_widened_once_and_the_output_rounded_once(kernel, heads):
-    """bf16 q, k, v (strided views, a prompt and its response, a window) give exactly the fp32 kernel's
-    output on the same values, rounded to bf16: no fp32 copies are needed around the kernel."""
+@pytest.mark.parametrize("heads", [(8, 4, 64), (7, 7, 80), (3, 3, 1), (4, 2, 9)], ids=str)
+def test_bf16_inputs_are_read_in_place_and_no_less_exact_than_torch_in_bf16(kernel, heads):
+    """bf16 q, k, v (strided views, a prompt and its response, a window) need no fp32 copies. With an
+    even head dim on a CPU with AVX512-BF16 the products run on bf16 pairs with fp32 sums (the
+    probabilities rounded to bf16, as HF's bf16 attention rounds them): the error against fp32 on
+    the same values must stay within that of torch's attention run in bf16. Otherwise the kernel
+    widens to fp32 and the output is exactly the fp32 kernel's, rounded once."""
     q, k, v, _, _ = _packed(*heads, [300, 70, 1])
     q, k, v = (t.bfloat16() for t in (q, k, v))
     starts, lens = torch.tensor([0, 300, 370]), torch.tensor([300, 70, 1])
     pre_starts, pre_lens = torch.zeros(3, dtype=torch.int64), torch.tensor([0, 300, 0])
+    pairs = heads[2] % 2 == 0 and "avx512_bf16" in open("/proc/cpuinfo").read()
     for window in (None, 50):
         got = kernel(q, k, v, starts, lens, window, None, pre_starts, pre_lens)
         assert got.dtype == torch.bfloat16
         want = kernel(q.float(), k.float(), v.float(), starts, lens, window, None, pre_starts, pre_lens)
-        assert torch.equal(got, want.bfloat16())
+        if not pairs:
+            assert torch.equal(got, want.bfloat16())
+            continue
+        hf = _attention_as_hf_in_bf16(q, k, v, starts, lens, window, pre_starts, pre_lens)
+        ours, theirs = ((x.float() - want).abs().mean().item() for x in (got, hf))
+        assert 0 < ours <= theirs, (ours, theirs)
+
+
+def _attention_as_hf_in_bf16(q, k, v, starts, lens, window, prefix_starts, prefix_lens):
+    """What HF's eager attention computes for a bf16 model: q k^T in bf16 (fp32 sums, rounded), the
+    scaled scores' softmax in fp32 rounded to bf16, then P v in bf16."""
+    out = torch.empty_like(q)
+    g = q.shape[1] // k.shape[1]
+    for start, n, p_start, p in zip(starts.tolist(), lens.tolist(), prefix_starts.tolist(), prefix_lens.tolist()):
+        keys = torch.cat([torch.arange(p_start, p_start + p), torch.arange(start, start + n)])
+        qs = q[start:start + n].transpose(0, 1)
+        ks, vs = (t[keys].transpose(0, 1).repeat_interleave(g, 0) for t in (k, v))
+        qpos, kpos = torch.arange(p, p + n)[:, None], torch.arange(p + n)[None, :]
+        allowed = (kpos <= qpos) & ((qpos - kpos < window) if window else True)
+        scores = (qs @ ks.transpose(1, 2)) * q.shape[-1] ** -0.5
+        probs = scores.masked_fill(~allowed, float("-inf")).float().softmax(-1).to(q.dtype)
+        out[start:start + n] = (probs @ vs).transpose(0, 1)
+    return out
 
 
 def test_bad_selections_are_refused_with_their_reason(kernel):
