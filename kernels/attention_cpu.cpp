@@ -1,12 +1,14 @@
-// Causal attention over packed segments, fp32 arithmetic on fp32 or bf16 tensors, for CPUs:
-// rewardserve's one C++ kernel.
+// Causal attention over packed segments on fp32 or bf16 tensors, for CPUs, and RoPE in place
+// (rs_rope_inplace, at the end): rewardserve's C++ kernels.
 //
 // Why by hand: torch's CPU flash-attention kernel computes the whole L x L square for causal
 // sequences shorter than 512 tokens and half of the wasted blocks above that, and BLAS calls on
-// these short products spend a fifth of their time packing operands. This kernel visits only the
-// keys a query block can see, skips every 6-row x 64-key tile above the diagonal, and runs both
-// products in register-blocked micro-kernels on operands it lays out once per block (converting bf16
-// on the way, so a bf16 model needs no fp32 copies of q, k and v).
+// these short products spent a fifth of their time packing operands (MKL on the 2-core AMD VM).
+// This kernel visits only the keys a query block can see, skips every tile of 32 rows x 12 keys
+// above the diagonal, and runs both products in register-blocked micro-kernels on the query block
+// transposed once, reading keys and values in place. bf16 is read in place too: with AVX512-BF16 both
+// products run on bf16 pairs with fp32 sums (the probabilities rounded to bf16, as HF's bf16 attention
+// rounds them); without it, bf16 is widened to fp32 as it is read and the output rounded once.
 //
 // Layout: q (T, Hq, D), k and v (T, Hk, D), out (T, Hq, D), each with its own row stride in
 // elements (q, k, v are views of the fused qkv projection); heads are contiguous within a row.
@@ -20,9 +22,9 @@
 // heads that share the kv head are stacked into one (G * n) x D matrix, so GQA turns into taller
 // products. Keys are visited in blocks of BK with the online softmax (running max and sum per row).
 // Runs of items (see below) are sorted by cost and handed out through an atomic counter: the threads
-// stay balanced whatever the mix of lengths. Each item depends only on its own segment's rows, and every score
-// and output is summed in a fixed order (over D, then over the block's keys), so an item's numbers
-// do not depend on the batch it rides in, on where tiles fall, or on the thread count.
+// stay balanced whatever the mix of lengths. Each item depends only on its own segment's rows, and
+// every score and output is summed in a fixed order (over D, then over the block's keys), so an
+// item's numbers do not depend on the batch it rides in, on where tiles fall, or on the thread count.
 #include <algorithm>
 #include <atomic>
 #include <cmath>

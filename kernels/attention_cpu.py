@@ -5,8 +5,9 @@ This op is the exception to "Triton on CUDA, the reference on CPU": CUDA runs Fl
 varlen kernel (see service/models/attention.py), and on CPU torch's own flash kernel wastes up to
 half its work on masked blocks of causal sequences (measured in the .cpp's header). The kernel is
 compiled on first use with the machine's C++ compiler (`g++`, flags `-O3 -march=native -fopenmp`);
-the shared object is cached per source, compiler flags, torch version and CPU. Without a compiler, or if the build fails, `load_kernel()` logs why
-and returns None, and the caller keeps torch's SDPA.
+the shared object is cached per source, compiler flags, torch version and CPU. Without a compiler, or
+if the build fails, `load_kernel()` logs why and returns None, and the caller keeps torch's SDPA (and
+`load_rope()` returns None: the model keeps `rope_cpu`).
 
 q: (T, Hq, D); k, v: (T, Hk, D); segment s is rows starts[s] .. starts[s] + lens[s] - 1. A whole
 sequence sits at positions 0 ..; a response of a shared prompt (prefix_lens[s] > 0) attends to the
