@@ -100,7 +100,15 @@ inline void tile(const float* a, int64_t rp, const float* b, int64_t bx, int64_t
     for (int v = 0; v < NR; ++v) store(c + x * rp + v * W, acc[x][v]);
 }
 
+template <int XX, int NR>
+struct F32 {
+  template <class... A>
+  static void run(A... args) { tile<XX, NR>(args...); }
+};
+
 #if defined(__AVX512BF16__)
+constexpr bool kDotBf16 = true;
+
 // `tile` on bf16 pairs, for bf16 models where the CPU has AVX512-BF16: a and b hold two bf16 values
 // per 32-bit unit (t runs over pairs), and each instruction multiplies 32 pairs of bf16 (exact in
 // fp32) and adds them to 16 fp32 accumulators: twice the fp32 rate. The result is scaled once.
@@ -121,10 +129,13 @@ inline void tile_bf16(const uint32_t* a, int64_t rp, const uint32_t* b, int64_t 
   for (int x = 0; x < XX; ++x)
     for (int v = 0; v < NR; ++v) _mm512_storeu_ps(c + x * rp + v * W, _mm512_mul_ps(acc[x][v], _mm512_set1_ps(scale)));
 }
-#endif
 
-#if defined(__AVX512BF16__)
-constexpr bool kDotBf16 = true;
+template <int XX, int NR>
+struct Bf16 {
+  template <class... A>
+  static void run(A... args) { tile_bf16<XX, NR>(args...); }
+};
+
 // Rows' probabilities for keys c and c + 1, rounded to bf16 (nearest even) and interleaved: the pair
 // unit of row r holds (P[c][r], P[c + 1][r]).
 inline void store_pairs(uint32_t* dst, vec e0, vec e1) {
@@ -133,28 +144,14 @@ inline void store_pairs(uint32_t* dst, vec e0, vec e1) {
                                        21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
   _mm512_storeu_si512(dst, _mm512_permutexvar_epi16(idx, both));
 }
-#else
+#else  // never called: Args::dot is false without AVX512-BF16
 constexpr bool kDotBf16 = false;
-inline void store_pairs(uint32_t*, vec, vec) {}
 template <int XX, int NR>
 struct Bf16 {
   template <class... A>
   static void run(A...) {}
 };
-#endif
-
-template <int XX, int NR>
-struct F32 {
-  template <class... A>
-  static void run(A... args) { tile<XX, NR>(args...); }
-};
-
-#if defined(__AVX512BF16__)
-template <int XX, int NR>
-struct Bf16 {
-  template <class... A>
-  static void run(A... args) { tile_bf16<XX, NR>(args...); }
-};
+inline void store_pairs(uint32_t*, vec, vec) {}
 #endif
 
 // A tile of xx <= KT columns and nr = 1 or RV vectors of rows: the edge tiles are other sizes.
@@ -208,17 +205,29 @@ struct Args {
 };
 
 // Scratch of one thread, for up to `rows` stacked query rows, rp = rows rounded up to whole vectors:
-// the query block transposed (D x rp), its output accumulator transposed (D x rp), one block of
-// scores transposed (BK x rp), the block's keys and values widened to fp32 when they are bf16
-// (BK x D each), and per row the running max and sum, the block's max, and its visible keys.
+// the output accumulator transposed (D x rp), one block of scores transposed (BK x rp), per row the
+// running max and sum and the block's visible keys; and, by path, the query block transposed (D x rp)
+// with the block's keys and values widened to fp32 when they are bf16 (BK x D each), or (bf16 pairs)
+// Q^T, P^T and V with their pairs along D, keys and keys.
 struct Scratch {
   int64_t rp;
-  std::vector<float> qt, ot, st, kb, vb, max, sum;
+  std::vector<float> ot, st, max, sum, qt, kb, vb;
   std::vector<int32_t> lo, hi;
-  std::vector<uint32_t> qt2, pt2, vp2;  // the bf16-pair path: Q^T, P^T and V with pairs along D, keys, keys
-  Scratch(int64_t rows, int64_t d)
-      : rp((rows + W - 1) / W * W), qt(d * rp), ot(d * rp), st(BK * rp), kb(BK * d), vb(BK * d), max(rp),
-        sum(rp), lo(rp), hi(rp), qt2((d + 1) / 2 * rp), pt2(BK / 2 * rp), vp2(BK / 2 * d) {}
+  std::vector<uint32_t> qt2, pt2, vp2;
+  Scratch(const Args& a, int64_t rows)
+      : rp((rows + W - 1) / W * W), ot(a.d * rp), st(BK * rp), max(rp), sum(rp), lo(rp), hi(rp) {
+    if (a.dot) {
+      qt2.resize(a.d / 2 * rp);
+      pt2.resize(BK / 2 * rp);
+      vp2.resize(BK / 2 * a.d);
+      return;
+    }
+    qt.resize(a.d * rp);
+    if (a.bf16) {
+      kb.resize(BK * a.d);
+      vb.resize(BK * a.d);
+    }
+  }
 };
 
 // Packed row of the key at position c of segment `seg`.
@@ -245,7 +254,7 @@ void run_item(const Args& a, const Item& w, Scratch& t) {
   const int64_t n = w.r1 - w.r0, rows = a.g * n, d = a.d, rp = t.rp;
   const int64_t plen = a.prefix_lens[w.seg], end = plen + w.r1;  // keys at positions k0 .. end-1
   float *qt = t.qt.data(), *ot = t.ot.data(), *st = t.st.data();
-  std::fill_n(qt, d * rp, 0.0f);
+  std::fill(t.qt.begin(), t.qt.end(), 0.0f);  // one of the two is empty: the other path's
   std::fill(t.qt2.begin(), t.qt2.end(), 0u);
   for (int64_t j = 0; j < a.g; ++j)  // row j * n + i: query head head * g + j, position r0 + i
     for (int64_t i = 0; i < n; ++i) {
@@ -295,13 +304,14 @@ void run_item(const Args& a, const Item& w, Scratch& t) {
       const int64_t lo = *std::min_element(&t.lo[r0], &t.lo[r0] + nr);
       const int64_t hi = *std::max_element(&t.hi[r0], &t.hi[r0] + nr);  // the tile sees keys lo .. hi-1
       if (hi <= lo) continue;
-      for (int64_t c = lo; c < hi && a.dot; c += KT)  // scores
-        product<Bf16>(static_cast<int>(std::min<int64_t>(KT, hi - c)), static_cast<int>(nr / W),
-                      t.qt2.data() + r0, rp, kp2 + c * (a.ldk / 2), a.ldk / 2, int64_t{1}, int64_t{0}, d / 2,
-                      st + c * rp + r0, false, a.scale);
-      for (int64_t c = lo; c < hi && !a.dot; c += KT)
-        product<F32>(static_cast<int>(std::min<int64_t>(KT, hi - c)), static_cast<int>(nr / W), qt + r0, rp,
-                     kp + c * ldk, ldk, int64_t{1}, int64_t{0}, d, st + c * rp + r0, false);
+      for (int64_t c = lo; c < hi; c += KT) {  // scores
+        const int kk = static_cast<int>(std::min<int64_t>(KT, hi - c)), nv = static_cast<int>(nr / W);
+        if (a.dot)
+          product<Bf16>(kk, nv, t.qt2.data() + r0, rp, kp2 + c * (a.ldk / 2), a.ldk / 2, int64_t{1}, int64_t{0},
+                        d / 2, st + c * rp + r0, false, a.scale);
+        else
+          product<F32>(kk, nv, qt + r0, rp, kp + c * ldk, ldk, int64_t{1}, int64_t{0}, d, st + c * rp + r0, false);
+      }
       for (int64_t x0 = r0; x0 < r0 + nr; x0 += W) {  // online softmax, W rows at a time
         const ivec rlo = iload(&t.lo[x0]), rhi = iload(&t.hi[x0]);
         vec bmax = vec{} - INFINITY;  // the block's max of each row, over the keys it sees
@@ -322,9 +332,10 @@ void run_item(const Args& a, const Item& w, Scratch& t) {
           sum += e;
           return e;
         };
-        if (!a.dot)
+        if (a.dot)
+          for (int64_t c = lo & ~int64_t{1}; c < hi; c += 2) store_pairs(t.pt2.data() + c / 2 * rp + x0, prob(c), prob(c + 1));
+        else
           for (int64_t c = lo; c < hi; ++c) store(st + c * rp + x0, prob(c));
-        for (int64_t c = lo & ~int64_t{1}; c < hi && a.dot; c += 2) store_pairs(t.pt2.data() + c / 2 * rp + x0, prob(c), prob(c + 1));
         store(&t.sum[x0], sum);
       }
       const int64_t parts = (d + KT - 1) / KT;  // outputs, D cut into near-equal tiles (64 = 4 x 11 + 2 x 10)
@@ -414,7 +425,7 @@ extern "C" int rs_causal_attention(const void* q, const void* k, const void* v, 
   std::atomic<size_t> next(0);
 #pragma omp parallel num_threads(threads)
   {
-    Scratch scratch(a.g * BQ, d);
+    Scratch scratch(a, a.g * BQ);
     for (size_t i = next.fetch_add(1); i < runs.size(); i = next.fetch_add(1))
       for (size_t j = runs[i].begin; j < runs[i].end; ++j) run_item(a, items[j], scratch);
   }

@@ -14,8 +14,9 @@ sequence sits at positions 0 ..; a response of a shared prompt (prefix_lens[s] >
 prompt's rows prefix_starts[s] .. + prefix_lens[s] - 1 and then to its own, its positions
 continuing after the prompt. A token at position i sees j <= i and, with a window W, i - W < j.
 With `select` = (segments, rows), only those query rows are computed: q and the output then hold one
-row per selected query. q, k and v are fp32 or bf16; the arithmetic is fp32 either way (bf16 is
-widened as it is read and the output rounded to nearest even once), and the output has q's dtype.
+row per selected query. q, k and v are fp32 or bf16, and the output has q's dtype. bf16 is read in
+place: with AVX512-BF16 and an even D, both products take bf16 pairs with fp32 sums (probabilities
+rounded to bf16 for the second); otherwise it is widened to fp32 and the output rounded once.
 """
 
 from __future__ import annotations

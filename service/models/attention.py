@@ -6,7 +6,7 @@ prefix's keys and values and then to its own past (positions continue after the 
 - CUDA: `torch.nn.attention.varlen.varlen_attn` (FlashAttention over cu_seqlens; GQA and sliding
   windows natively). A response's keys are its prefix's followed by its own; FlashAttention aligns
   the causal mask bottom-right when there are more keys than queries, which is exactly that.
-- CPU (fp32 arithmetic on fp32 or bf16 tensors): every segment goes, in one call per layer, to
+- CPU (fp32 or bf16 tensors, fp32 sums): every segment goes, in one call per layer, to
   rewardserve's C++ kernel (kernels/attention_cpu.py: only the keys a query block can see are computed, and a response
   reads its prompt's keys in place; torch's CPU flash kernel computes the whole causal square below
   512 tokens).
@@ -130,7 +130,7 @@ def packed_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, b
         batch.attention_plan = _plan(batch, kernel is not None)
     if kernel is not None:  # the plan is one call that covers every segment
         [call] = batch.attention_plan
-        # bf16 is computed in fp32 inside the kernel (widened as it is read, rounded once on the way out)
+        # bf16 goes in as it is: the kernel reads it in place (see kernels/attention_cpu.cpp)
         o = kernel(q, k, v, call.starts, call.lens, window, None, call.prefix_starts, call.prefix_lens)
         return o.reshape(T, Hq * D)
     out = torch.empty(T, Hq, D, dtype=q.dtype, device=q.device)
@@ -159,7 +159,7 @@ def pooled_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, b
     if batch.attention_plan is None:
         batch.attention_plan = _plan(batch, True)
     [call] = batch.attention_plan
-    seg = torch.tensor(batch.pool_segments, dtype=torch.long)
+    seg = torch.searchsorted(call.starts, batch.last_idx, right=True) - 1  # segments start in order
     row = batch.last_idx - call.starts[seg]
     o = kernel(q[batch.last_idx], k, v, call.starts, call.lens, window, None, call.prefix_starts,
                call.prefix_lens, select=(seg, row))

@@ -13,7 +13,7 @@ On CUDA the elementwise ops are Triton kernels (kernels/); on CPU their PyTorch 
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -165,7 +165,6 @@ class Block(nn.Module):
         up are projected apart (see `_mlp_chunked`); with oneDNN the weights are packed and the
         modules' own copies released, so the model does not hold its weights twice."""
         layers = (self.wqkv, self.wo, self.w_gate_up, self.w_down)
-        self.gemm_out = {"qkv": self.wqkv.out_features}
         if ops.chunk_tokens is None:
             names = ("qkv", "o", "gate_up", "down")
             self.gemm = {name: (layer.weight, layer.bias) for name, layer in zip(names, layers)}
@@ -218,7 +217,7 @@ class Block(nn.Module):
         Why: the normalised chunk is still in the CPU's caches when the GEMM reads it, and oneDNN ran
         this projection's shape at 218 GFLOP/s on 2048 rows against 183 on 16k (the 2-core VM)."""
         stream = x if residual is None else x + residual
-        qkv = torch.empty(x.shape[0], self.gemm_out["qkv"], dtype=x.dtype, device=x.device)
+        qkv = torch.empty(x.shape[0], self.wqkv.out_features, dtype=x.dtype, device=x.device)
         for start in range(0, x.shape[0], ops.chunk_tokens):
             rows = slice(start, start + ops.chunk_tokens)
             h, _ = ops.rmsnorm(stream[rows], self.attn_norm, self.cfg.eps)
@@ -261,13 +260,12 @@ class PackedBatch:
     last_idx: torch.Tensor  # (B,) packed index of each scored row's pooled token
     device: torch.device
     attention_plan: list | None = None  # built by the attention on first use, shared by every layer
-    pool_segments: list[int] = field(default_factory=list)  # (B,) the segment of each pooled row
 
     @classmethod
     def build(cls, units: list[Unit], device) -> "PackedBatch":
         ids: list[int] = []
         positions: list[torch.Tensor] = []
-        cu, parents, last, pool_segments = [0], [], [], []
+        cu, parents, last = [0], [], []
 
         def segment(tokens: list[int], start_pos: int, parent: int) -> int:
             ids.extend(tokens)
@@ -281,10 +279,8 @@ class PackedBatch:
             for suffix, pools in zip(u.suffixes, u.pools):
                 seg = segment(suffix, len(u.prefix), parent)
                 last.extend(cu[seg] + q for q in pools)
-                pool_segments.extend([seg] * len(pools))
         return cls(torch.tensor(ids, dtype=torch.long, device=device), torch.cat(positions).to(device), cu,
-                   parents, torch.tensor(last, dtype=torch.long, device=device), torch.device(device),
-                   pool_segments=pool_segments)
+                   parents, torch.tensor(last, dtype=torch.long, device=device), torch.device(device))
 
 
 class PackedRewardModel(nn.Module):
