@@ -195,6 +195,10 @@ class Engine:
                 self._conn.send((op, key, payload))
                 status, answer = self._conn.recv()
             except (EOFError, OSError):
+                # The pipe breaks before the OS reaps the process: dead now, whatever is_alive says yet.
+                self.kill()
+                if self._process is not None:
+                    self._process.join(1)
                 code = self._process.exitcode if self._process is not None else None
                 raise EngineDied(f"the engine process for {self.device} died (exit code {code})") from None
         if status == "error":

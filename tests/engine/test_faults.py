@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import socket
 import threading
 import time
 
@@ -200,6 +201,27 @@ def test_a_killed_engine_process_is_started_again_with_its_models(tiny_ckpt):
         again = c.post("/v1/score", json={"items": ITEMS, "cache": False}).json()["rewards"]
         assert again == ref  # the same weights, the same maths: bit for bit
         assert s.metric("rewardserve_worker_replacements_total", device="cpu") == 1
+
+
+def test_an_engine_whose_pipe_broke_counts_as_dead_even_before_its_process_is_reaped(tiny_ckpt):
+    """The pipe closes before the OS reaps a killed engine: the probe must start a new engine then too.
+    A stopped engine whose socket is shut holds that moment still: its process is alive, its pipe is not."""
+    with serve(*quick(model=str(tiny_ckpt("llama")), lru_items=0, engine="process")) as s, s.client() as c:
+        ref = _reference(s)
+        [engine] = s.registry.engines.values()
+        first = engine.pid
+        os.kill(first, signal.SIGSTOP)
+        socket.socket(fileno=os.dup(engine._conn.fileno())).shutdown(socket.SHUT_RDWR)
+        r = c.post("/v1/score", json={"items": ITEMS, "cache": False})
+        assert r.status_code == 503 and "engine process for cpu died (exit code -9)" in r.json()["error"]["message"]
+        for _ in range(600):
+            if c.get("/readyz").status_code == 200:
+                break
+            time.sleep(0.05)
+        assert c.get("/readyz").status_code == 200 and engine.pid != first and engine.restarts == 1
+        assert c.post("/v1/score", json={"items": ITEMS, "cache": False}).json()["rewards"] == ref
+        with pytest.raises(ProcessLookupError):
+            os.kill(first, 0)  # the stopped engine was killed and reaped, not left behind
 
 
 def test_engine_processes_give_the_in_process_scores_bit_for_bit(tiny_ckpt):
