@@ -1,5 +1,5 @@
-// Causal attention over packed segments on fp32 or bf16 tensors, for CPUs, and RoPE in place
-// (rs_rope_inplace, at the end): rewardserve's C++ kernels.
+// Causal attention over packed segments on fp32 or bf16 tensors, for CPUs, RoPE in place
+// (rs_rope_inplace) and RMSNorm with its residual add (rs_rmsnorm), at the end: rewardserve's C++ kernels.
 //
 // Why by hand: torch's CPU flash-attention kernel computes the whole L x L square for causal
 // sequences shorter than 512 tokens and half of the wasted blocks above that, and BLAS calls on
@@ -33,6 +33,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #include <immintrin.h>
@@ -633,6 +634,79 @@ extern "C" int rs_rope_inplace(void* q, void* k, int64_t bf16, int64_t T, int64_
       rope_rows<false>(q, ldq, hq, d, cos, sin, ldc, t);
       rope_rows<false>(k, ldk, hk, d, cos, sin, ldc, t);
     }
+  }
+  return 0;
+}
+#pragma GCC pop_options
+
+// RMSNorm of rows of x (T, H), fp32 or bf16 with a weight of the same dtype, with the residual add
+// fused in when `residual` is given: stream = x + residual (written to `stream`, one rounding), out =
+// weight * (stream / sqrt(mean(stream^2) + eps)). The reference's roundings in order (kernels/rmsnorm.py's
+// rmsnorm_cpu): in bf16, the normalised value is rounded to bf16 before the weight product, which
+// is rounded again; in fp32, x * r and then * weight, each rounded. Only the sum of squares is
+// summed in another order than torch's (16 partial sums, then in order). One pass to sum and one to
+// write, per row, where torch's CPU rms_norm takes five passes and allocates four temporaries.
+#pragma GCC push_options
+#pragma GCC optimize("fp-contract=off")
+namespace {
+template <bool BF16>
+struct Elt {
+  using T = typename std::conditional<BF16, uint16_t, float>::type;
+  static float get(T v) {
+    if constexpr (BF16) return bf16_to_f32(v); else return v;
+  }
+  static T put(float x) {
+    if constexpr (BF16) return f32_to_bf16(x); else return x;
+  }
+  static float round(float x) {
+    if constexpr (BF16) return bf16_to_f32(f32_to_bf16(x)); else return x;
+  }
+};
+
+template <bool BF16>
+void rmsnorm_row(const void* xv, const void* rv, const void* wv, void* ov, void* sv, int64_t H, float eps) {
+  using E = Elt<BF16>;
+  using T = typename E::T;
+  const T* x = static_cast<const T*>(xv);
+  const T* w = static_cast<const T*>(wv);
+  T* out = static_cast<T*>(ov);
+  if (rv != nullptr) {  // the stream, one rounding of the exact sum
+    const T* r = static_cast<const T*>(rv);
+    T* s = static_cast<T*>(sv);
+#pragma omp simd
+    for (int64_t i = 0; i < H; ++i) s[i] = E::put(E::get(x[i]) + E::get(r[i]));
+    x = s;
+  }
+  constexpr int P = 16;  // partial sums of squares, lane i over columns i, i + 16, ...
+  float part[P] = {};
+  int64_t i = 0;
+  for (; i + P <= H; i += P)
+#pragma omp simd
+    for (int j = 0; j < P; ++j) part[j] += E::get(x[i + j]) * E::get(x[i + j]);
+  for (int j = 0; i + j < H; ++j) part[j] += E::get(x[i + j]) * E::get(x[i + j]);
+  float sum = 0.0f;
+  for (int j = 0; j < P; ++j) sum += part[j];
+  const float r = 1.0f / std::sqrt(sum / static_cast<float>(H) + eps);
+#pragma omp simd
+  for (int64_t k = 0; k < H; ++k) out[k] = E::put(E::round(E::get(x[k]) * r) * E::get(w[k]));
+}
+}  // namespace
+
+extern "C" int rs_rmsnorm(const void* x, const void* residual, const void* weight, void* out, void* stream,
+                          int64_t bf16, int64_t T, int64_t H, int64_t ldx, int64_t ldr, int64_t ldo, int64_t lds,
+                          float eps, int64_t threads) {
+  if (H <= 0 || threads <= 0) return 1;
+  const int64_t es = bf16 ? 2 : 4;
+#pragma omp parallel for num_threads(threads) schedule(static) if (T * H >= 16384)
+  for (int64_t t = 0; t < T; ++t) {
+    const char* xr = static_cast<const char*>(x) + t * ldx * es;
+    const char* rr = residual ? static_cast<const char*>(residual) + t * ldr * es : nullptr;
+    char* sr = stream ? static_cast<char*>(stream) + t * lds * es : nullptr;
+    char* orow = static_cast<char*>(out) + t * ldo * es;
+    if (bf16)
+      rmsnorm_row<true>(xr, rr, weight, orow, sr, H, eps);
+    else
+      rmsnorm_row<false>(xr, rr, weight, orow, sr, H, eps);
   }
   return 0;
 }

@@ -7,7 +7,7 @@ half its work on masked blocks of causal sequences (measured in the .cpp's heade
 compiled on first use with the machine's C++ compiler (`g++`, flags `-O3 -march=native -fopenmp`);
 the shared object is cached per source, compiler flags, torch version and CPU. Without a compiler, or
 if the build fails, `load_kernel()` logs why and returns None, and the caller keeps torch's SDPA (and
-`load_rope()` returns None: the model keeps `rope_cpu`).
+`load_rope()` and `load_rmsnorm()` return None: the model keeps `rope_cpu` and `rmsnorm_cpu`).
 
 q: (T, Hq, D); k, v: (T, Hk, D); segment s is rows starts[s] .. starts[s] + lens[s] - 1. A whole
 sequence sits at positions 0 ..; a response of a shared prompt (prefix_lens[s] > 0) attends to the
@@ -33,6 +33,8 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+
+from rewardserve.kernels.rmsnorm import rmsnorm_cpu
 
 log = logging.getLogger(__name__)
 
@@ -126,6 +128,7 @@ def _library(compiler: str, cache_dir: Path | None):
             lib = ctypes.CDLL(str(build(compiler, cache_dir)))
             lib.rs_causal_attention.argtypes, lib.rs_causal_attention.restype = _ARGTYPES, ctypes.c_int
             lib.rs_rope_inplace.argtypes, lib.rs_rope_inplace.restype = _ROPE_ARGTYPES, ctypes.c_int
+            lib.rs_rmsnorm.argtypes, lib.rs_rmsnorm.restype = _RMSNORM_ARGTYPES, ctypes.c_int
             _loaded[key] = lib
         except (RuntimeError, OSError, AttributeError) as exc:
             log.warning("CPU attention kernel unavailable, using torch SDPA: %s", exc)
@@ -135,6 +138,7 @@ def _library(compiler: str, cache_dir: Path | None):
 
 _loaded: dict[tuple, ctypes.CDLL | None] = {}
 _ROPE_ARGTYPES = [ctypes.c_void_p] * 2 + [_I64] * 7 + [ctypes.c_void_p] * 2 + [_I64] * 2
+_RMSNORM_ARGTYPES = [ctypes.c_void_p] * 5 + [_I64] * 7 + [ctypes.c_float, _I64]
 
 
 def load_kernel(compiler: str = "g++", cache_dir: Path | None = None) -> Callable | None:
@@ -148,6 +152,34 @@ def load_rope(compiler: str = "g++", cache_dir: Path | None = None) -> Callable 
     """`rope_inplace_cpu` bound to the compiled library (the same one as the attention), or None."""
     lib = _library(compiler, cache_dir)
     return None if lib is None else lambda *args: rope_inplace_cpu(lib.rs_rope_inplace, *args)
+
+
+def load_rmsnorm(compiler: str = "g++", cache_dir: Path | None = None) -> Callable | None:
+    """`rmsnorm_fused_cpu` bound to the compiled library (the same one as the attention), or None."""
+    lib = _library(compiler, cache_dir)
+    return None if lib is None else lambda *args: rmsnorm_fused_cpu(lib.rs_rmsnorm, *args)
+
+
+def rmsnorm_fused_cpu(fn, x: torch.Tensor, weight: torch.Tensor, eps: float,
+                      residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """kernels/rmsnorm.py's `rmsnorm_cpu` (same signature, same roundings; the sum of squares in
+    another order) in one C++ call per (T, H) tensor of rows with contiguous columns; anything else
+    (other dtypes, a weight of another dtype, strided columns, other ranks) goes to `rmsnorm_cpu`."""
+    ok = (x.dim() == 2 and x.dtype in (torch.float32, torch.bfloat16) and weight.dtype == x.dtype
+          and x.stride(1) == 1 and weight.is_contiguous() and weight.shape == (x.shape[1],)
+          and (residual is None or (residual.shape == x.shape and residual.dtype == x.dtype
+                                    and residual.stride(1) == 1)))
+    if not ok:
+        return rmsnorm_cpu(x, weight, eps, residual)
+    T, H = x.shape
+    out = torch.empty((T, H), dtype=x.dtype)
+    stream = x if residual is None else torch.empty((T, H), dtype=x.dtype)
+    rc = fn(x.data_ptr(), None if residual is None else residual.data_ptr(), weight.data_ptr(), out.data_ptr(),
+            None if residual is None else stream.data_ptr(), x.dtype == torch.bfloat16, T, H, x.stride(0),
+            0 if residual is None else residual.stride(0), H, H, eps, torch.get_num_threads())
+    if rc != 0:
+        raise RuntimeError(f"CPU rmsnorm kernel returned {rc} for x {tuple(x.shape)}. This is a bug.")
+    return out, stream
 
 
 def rope_inplace_cpu(fn, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):

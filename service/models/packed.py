@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from torch import nn
 
-from rewardserve.kernels.attention_cpu import load_kernel, load_rope
+from rewardserve.kernels.attention_cpu import load_kernel, load_rmsnorm, load_rope
 from rewardserve.kernels.reward_head import reward_head_torch, reward_head_triton
 from rewardserve.kernels.rmsnorm import rmsnorm_cpu, rmsnorm_triton
 from rewardserve.kernels.rope import rope_cpu, rope_tables, rope_triton
@@ -142,6 +142,9 @@ class Ops:
         rope_inplace = load_rope() if self.attention_kernel else None  # the same numbers as rope_cpu, one pass
         if rope_inplace is not None:
             self.rope = lambda q, k, cos, sin, positions: rope_inplace(q, k, cos, sin)
+        rmsnorm_fused = load_rmsnorm() if self.attention_kernel else None  # rmsnorm_cpu's roundings, one call
+        if rmsnorm_fused is not None:
+            self.rmsnorm = rmsnorm_fused
         self.attention_name = "varlen_attn" if cuda else "C++ kernel" if self.attention_kernel else "SDPA"
 
 

@@ -114,3 +114,68 @@ def test_cpu_version_matches_reference(shape, dtype, with_residual):
     torch.testing.assert_close(out, ref_out, atol=atol, rtol=rtol)
     assert (out != ref_out).sum().item() <= 1 + out.numel() // 100
     assert torch.equal(new_res, ref_res) and torch.equal(x, x_in)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("shape", [s for s in SHAPES if len(s) == 2], ids=str)
+@pytest.mark.parametrize("with_residual", [False, True], ids=["plain", "residual"])
+def test_compiled_fused_version_keeps_the_cpu_versions_roundings(shape, dtype, with_residual):
+    """The C++ RMSNorm the packed CPU model runs (beside the attention kernel): the residual stream bit
+    for bit, the output within the kernel tolerances of the reference (only the sum of squares is
+    summed in another order; in bf16 the same two roundings, so flips stay rare), inputs untouched,
+    and rows read through a row stride (a slice of a wider tensor)."""
+    from rewardserve.kernels.attention_cpu import load_rmsnorm
+    from tests.conftest import KERNEL_TOOL, attention_kernel_builds, require_tool
+
+    require_tool(attention_kernel_builds(), KERNEL_TOOL)
+    fused = load_rmsnorm()
+    x, residual, weight = (t.cpu() for t in _inputs(shape, dtype, seed=5))
+    residual = residual if with_residual else None
+    wide = torch.cat([x, torch.full_like(x, 7.0)], -1)  # x as a strided view: row stride 2 H
+    for rows in (x, wide[:, : shape[-1]]):
+        before = rows.clone()
+        out, stream = fused(rows, weight, EPS, residual)
+        ref_out, ref_stream = rmsnorm_torch(rows, weight, EPS, residual)
+        assert out.dtype == dtype and out.shape == rows.shape and out.is_contiguous()
+        atol, rtol = TOL[dtype]
+        torch.testing.assert_close(out, ref_out, atol=atol, rtol=rtol)
+        if dtype == torch.bfloat16:
+            assert (out != ref_out).sum().item() <= 1 + out.numel() // 100
+        assert torch.equal(stream, ref_stream) and torch.equal(rows, before)
+        if residual is None:
+            assert stream is rows
+
+
+def test_compiled_fused_rmsnorm_rows_do_not_depend_on_their_batch():
+    """A row's output is the same bits alone, first, or deep in a large batch (threads split rows)."""
+    from rewardserve.kernels.attention_cpu import load_rmsnorm
+    from tests.conftest import KERNEL_TOOL, attention_kernel_builds, require_tool
+
+    require_tool(attention_kernel_builds(), KERNEL_TOOL)
+    fused = load_rmsnorm()
+    x, residual, weight = (t.cpu() for t in _inputs((300, 896), torch.float32, seed=6))
+    out, stream = fused(x, weight, EPS, residual)
+    for r in (0, 1, 150, 299):
+        alone, alone_stream = fused(x[r : r + 1], weight, EPS, residual[r : r + 1])
+        assert torch.equal(alone, out[r : r + 1]) and torch.equal(alone_stream, stream[r : r + 1])
+
+
+def test_compiled_fused_rmsnorm_hands_other_layouts_to_the_cpu_version():
+    """3-D views (Qwen3's q/k-norm), fp16, and a weight of another dtype take `rmsnorm_cpu`, unchanged;
+    the packed CPU model runs the fused version where the kernel builds."""
+    from rewardserve.kernels.attention_cpu import load_rmsnorm
+    from rewardserve.models.packed import Ops
+    from tests.conftest import KERNEL_TOOL, attention_kernel_builds, require_tool
+
+    require_tool(attention_kernel_builds(), KERNEL_TOOL)
+    fused = load_rmsnorm()
+    x, residual, weight = (t.cpu() for t in _inputs((4, 14, 64), torch.float32, seed=7))
+    for args in ((x, weight[:64], EPS), (x[0].half(), weight.half(), EPS, residual[0].half()),
+                 (x[0].bfloat16(), weight.float(), EPS)):
+        got, want = fused(*args), rmsnorm_cpu(*args)
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    ops = Ops(torch.device("cpu"))
+    assert ops.rmsnorm is not rmsnorm_cpu
+    out, _ = ops.rmsnorm(x[0], weight[:64], EPS)
+    atol, rtol = TOL[torch.float32]
+    torch.testing.assert_close(out, rmsnorm_torch(x[0], weight[:64], EPS)[0], atol=atol, rtol=rtol)
