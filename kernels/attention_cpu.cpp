@@ -308,6 +308,10 @@ struct Args {
   bool dot;  // bf16 products on bf16 pairs (AVX512-BF16, even D and strides)
 };
 
+// Whether q and k are transposed 16 x 16 in registers: with AVX-512, for fp32 and for bf16 pairs (the
+// widening path keeps its scalar loops).
+inline bool in_blocks16(const Args& a) { return kTranspose16 && (a.dot || !a.bf16); }
+
 // Scratch of one thread, for up to `rows` stacked query rows, rp = rows rounded up to whole vectors:
 // the output accumulator transposed (D x rp), one block of scores transposed (BK x rp), per row the
 // running max and sum and the block's visible keys; and, by path, the query block transposed (D x rp)
@@ -320,7 +324,7 @@ struct Scratch {
   std::vector<uint32_t> qt2, pt2, vp2;
   Scratch(const Args& a, int64_t rows)
       : rp((rows + W - 1) / W * W), ot(a.d * rp), st(BK * rp), max(rp), sum(rp), lo(rp), hi(rp) {
-    if (kTranspose16 && (a.dot || !a.bf16)) kt.resize(a.d * BK);  // K^T of a block (fp32 or bf16 pairs)
+    if (in_blocks16(a)) kt.resize(a.d * BK);  // K^T of a block (fp32 or bf16 pairs)
     if (a.dot) {
       qt2.resize(a.d / 2 * rp);
       pt2.resize(BK / 2 * rp);
@@ -361,13 +365,14 @@ void run_item(const Args& a, const Item& w, Scratch& t) {
   float *qt = t.qt.data(), *ot = t.ot.data(), *st = t.st.data();
   std::fill(t.qt.begin(), t.qt.end(), 0.0f);  // one of the two is empty: the other path's
   std::fill(t.qt2.begin(), t.qt2.end(), 0u);
-  for (int64_t j = 0; j < a.g && kTranspose16 && (a.dot || !a.bf16); ++j) {  // in 16 x 16 blocks
+  const bool blocks16 = in_blocks16(a);
+  for (int64_t j = 0; j < a.g && blocks16; ++j) {  // in 16 x 16 blocks
     const int64_t esize = a.bf16 ? 2 : 4, col = (w.head * a.g + j) * d;
     const char* src = static_cast<const char*>(a.q) + (w.qrow * a.ldq + col) * esize;
     transpose_in(src, a.ldq * esize, n, a.dot ? d / 2 : d, a.dot ? reinterpret_cast<float*>(t.qt2.data()) + j * n : qt + j * n,
                  rp, !a.dot, a.scale);
   }
-  for (int64_t j = 0; j < a.g && !(kTranspose16 && (a.dot || !a.bf16)); ++j)  // row j * n + i: query head head * g + j, position r0 + i
+  for (int64_t j = 0; j < a.g && !blocks16; ++j)  // row j * n + i: query head head * g + j, position r0 + i
     for (int64_t i = 0; i < n; ++i) {
       const int64_t row = j * n + i, col = (w.head * a.g + j) * d, at = (w.qrow + i) * a.ldq + col;
       if (a.dot) {  // bf16 pairs as they are; the scale goes on the scores
