@@ -33,6 +33,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <memory>
 #include <type_traits>
 #include <vector>
 
@@ -317,13 +318,31 @@ inline bool in_blocks16(const Args& a) { return kTranspose16 && (a.dot || !a.bf1
 // running max and sum and the block's visible keys; and, by path, the query block transposed (D x rp)
 // with the block's keys and values widened to fp32 when they are bf16 (BK x D each), or (bf16 pairs)
 // Q^T, P^T and V with their pairs along D, keys and keys.
+// An uninitialised buffer: every value is written before it is read (zeroing the whole scratch of
+// every call cost more than the attention of a batch of short sequences).
+template <class T>
+struct Buf {
+  std::unique_ptr<T[]> p;
+  size_t n = 0;
+  void resize(size_t m) {
+    p.reset(new T[m]);
+    n = m;
+  }
+  T* data() const { return p.get(); }
+  bool empty() const { return n == 0; }
+  T& operator[](size_t i) const { return p[i]; }
+};
+
 struct Scratch {
-  int64_t rp;
-  std::vector<float> ot, st, max, sum, qt, kb, vb, kt;
-  std::vector<int32_t> lo, hi;
-  std::vector<uint32_t> qt2, pt2, vp2;
-  Scratch(const Args& a, int64_t rows)
-      : rp((rows + W - 1) / W * W), ot(a.d * rp), st(BK * rp), max(rp), sum(rp), lo(rp), hi(rp) {
+  Buf<float> ot, st, max, sum, qt, kb, vb, kt;
+  Buf<int32_t> lo, hi;
+  Buf<uint32_t> qt2, pt2, vp2;
+  Scratch(const Args& a, int64_t rows) {
+    const int64_t rp = (rows + W - 1) / W * W;
+    for (Buf<float>* b : {&ot, &qt}) b->resize(a.d * rp);
+    st.resize(BK * rp);
+    for (Buf<float>* b : {&max, &sum}) b->resize(rp);
+    for (Buf<int32_t>* b : {&lo, &hi}) b->resize(rp);
     if (in_blocks16(a)) kt.resize(a.d * BK);  // K^T of a block (fp32 or bf16 pairs)
     if (a.dot) {
       qt2.resize(a.d / 2 * rp);
@@ -331,7 +350,6 @@ struct Scratch {
       vp2.resize(BK / 2 * a.d);
       return;
     }
-    qt.resize(a.d * rp);
     if (a.bf16) {
       kb.resize(BK * a.d);
       vb.resize(BK * a.d);
@@ -360,11 +378,14 @@ inline const float* rows_f32(const void* base, bool bf16, int64_t ld, int64_t r,
 }
 
 void run_item(const Args& a, const Item& w, Scratch& t) {
-  const int64_t n = w.r1 - w.r0, rows = a.g * n, d = a.d, rp = t.rp;
+  // rp: the row stride of this item's transposed buffers, its rows rounded up to whole vectors
+  const int64_t n = w.r1 - w.r0, rows = a.g * n, d = a.d, rp = (rows + W - 1) / W * W;
   const int64_t plen = a.prefix_lens[w.seg], end = plen + w.r1;  // keys at positions k0 .. end-1
   float *qt = t.qt.data(), *ot = t.ot.data(), *st = t.st.data();
-  std::fill(t.qt.begin(), t.qt.end(), 0.0f);  // one of the two is empty: the other path's
-  std::fill(t.qt2.begin(), t.qt2.end(), 0u);
+  if (a.dot)  // rows past `rows` stay 0: their scores are computed, and never seen
+    std::fill_n(t.qt2.data(), d / 2 * rp, 0u);
+  else
+    std::fill_n(qt, d * rp, 0.0f);
   const bool blocks16 = in_blocks16(a);
   for (int64_t j = 0; j < a.g && blocks16; ++j) {  // in 16 x 16 blocks
     const int64_t esize = a.bf16 ? 2 : 4, col = (w.head * a.g + j) * d;
@@ -387,8 +408,8 @@ void run_item(const Args& a, const Item& w, Scratch& t) {
       }
     }
   std::fill_n(ot, d * rp, 0.0f);
-  std::fill_n(t.max.begin(), rp, -INFINITY);
-  std::fill_n(t.sum.begin(), rp, 0.0f);
+  std::fill_n(t.max.data(), rp, -INFINITY);
+  std::fill_n(t.sum.data(), rp, 0.0f);
   for (int64_t c0 = w.k0, nk; c0 < end; c0 += nk) {
     nk = std::min(BK, (c0 < plen ? plen : end) - c0);  // a block never straddles prompt and own rows
     const int64_t r = key_row(a, w.seg, c0);
