@@ -206,11 +206,13 @@ def rope_inplace_cpu(fn, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, si
 
 
 def causal_attention_cpu(fn, q, k, v, starts, lens, window: int | None, out: torch.Tensor | None = None,
-                         prefix_starts=None, prefix_lens=None, select=None) -> torch.Tensor:
+                         prefix_starts=None, prefix_lens=None, select=None, trusted: bool = False) -> torch.Tensor:
     """Runs the compiled kernel `fn`; q, k, v may be row-strided views (of a fused qkv). Writes the
     segments' rows of `out` (T, Hq, D), new when None, and leaves its other rows alone. With `select`
     = (segments, rows), two int64 tensors of N entries: q and `out` are (N, Hq, D), the selected
-    query rows (row r of segment s is packed row starts[s] + r) in that order."""
+    query rows (row r of segment s is packed row starts[s] + r) in that order. `trusted`: the segment
+    and selection tensors are contiguous int64 built from the batch itself (the packed model's plan),
+    so their bounds checks, a dozen small reductions per call, are skipped."""
     T, hk, d = k.shape
     n_q, hq = q.shape[0], q.shape[1]
     if q.dtype not in (torch.float32, torch.bfloat16) or k.dtype != q.dtype or v.dtype != q.dtype:
@@ -221,6 +223,8 @@ def causal_attention_cpu(fn, q, k, v, starts, lens, window: int | None, out: tor
     q, k, v = (t if t.stride(2) == 1 and t.stride(1) == d else t.contiguous() for t in (q, k, v))
     if prefix_lens is None:
         prefix_starts = prefix_lens = torch.zeros_like(lens)
+    if trusted:
+        return _run(fn, q, k, v, starts, lens, prefix_starts, prefix_lens, select, window, out)
     starts, lens, prefix_starts, prefix_lens = (t.to(torch.int64).contiguous()
                                                 for t in (starts, lens, prefix_starts, prefix_lens))
     if not starts.shape == lens.shape == prefix_starts.shape == prefix_lens.shape:
@@ -230,9 +234,7 @@ def causal_attention_cpu(fn, q, k, v, starts, lens, window: int | None, out: tor
     if len(starts) and (int(prefix_starts.min()) < 0 or int((prefix_starts + prefix_lens).max()) > T
                         or int(prefix_lens.min()) < 0):
         raise ValueError("every prompt prefix must lie within the packed rows")
-    if select is None:
-        sel_seg = sel_row = torch.zeros(0, dtype=torch.int64)
-    else:
+    if select is not None:
         sel_seg, sel_row = (t.to(torch.int64).contiguous() for t in select)
         if not sel_seg.shape == sel_row.shape == (n_q,):
             raise ValueError(f"select needs one (segment, row) per query row: {n_q} rows, "
@@ -240,17 +242,29 @@ def causal_attention_cpu(fn, q, k, v, starts, lens, window: int | None, out: tor
         if n_q and (int(sel_seg.min()) < 0 or int(sel_seg.max()) >= len(starts) or int(sel_row.min()) < 0
                     or bool((sel_row >= lens[sel_seg]).any())):
             raise ValueError("every selected row must lie within its segment")
-    if out is None:
-        out = torch.empty(n_q, hq, d, dtype=q.dtype)
-    elif out.shape != q.shape or out.dtype != q.dtype or out.stride(2) != 1 or out.stride(1) != d:
+        select = sel_seg, sel_row
+    if out is not None and (out.shape != q.shape or out.dtype != q.dtype or out.stride(2) != 1 or out.stride(1) != d):
         raise ValueError(f"out must be a row-strided (T, Hq, D) tensor of q's dtype, got {tuple(out.shape)} "
                          f"{out.dtype} {out.stride()}")
+    return _run(fn, q, k, v, starts, lens, prefix_starts, prefix_lens, select, window, out)
+
+
+_NO_SELECTION = torch.zeros(0, dtype=torch.int64)
+
+
+def _run(fn, q, k, v, starts, lens, prefix_starts, prefix_lens, select, window, out):
+    """The kernel call itself, on arguments already checked."""
+    T, hk, d = k.shape
+    n_q, hq = q.shape[0], q.shape[1]
+    sel_seg, sel_row = (_NO_SELECTION, _NO_SELECTION) if select is None else select
+    if out is None:
+        out = torch.empty(n_q, hq, d, dtype=q.dtype)
     if select is not None and n_q == 0:  # nothing selected (the kernel reads no selection as "every row")
         return out
-    rc = fn(q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), q.dtype == torch.bfloat16, q.stride(0), k.stride(0), v.stride(0),
-            out.stride(0), hq, hk, d, starts.data_ptr(), lens.data_ptr(), prefix_starts.data_ptr(),
-            prefix_lens.data_ptr(), len(starts), sel_seg.data_ptr(), sel_row.data_ptr(), len(sel_seg), window or 0,
-            d ** -0.5, torch.get_num_threads())
+    rc = fn(q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), q.dtype == torch.bfloat16, q.stride(0),
+            k.stride(0), v.stride(0), out.stride(0), hq, hk, d, starts.data_ptr(), lens.data_ptr(),
+            prefix_starts.data_ptr(), prefix_lens.data_ptr(), len(starts), sel_seg.data_ptr(), sel_row.data_ptr(),
+            len(sel_seg), window or 0, d ** -0.5, torch.get_num_threads())
     if rc != 0:
         raise RuntimeError(f"CPU attention kernel returned {rc} for q {tuple(q.shape)}, k {tuple(k.shape)}. "
                            "This is a bug.")

@@ -243,3 +243,16 @@ def test_builds_are_cached_by_source(kernel, tmp_path, monkeypatch):
     changed.write_text(attention_cpu.SOURCE.read_text() + "\n// changed\n")
     monkeypatch.setattr(attention_cpu, "SOURCE", changed)
     assert attention_cpu.build(cache_dir=tmp_path) != first
+
+
+def test_trusted_calls_skip_only_the_checks(kernel):
+    """The packed model passes its own plan's tensors with trusted=True: the same bits as a checked
+    call, for every row and for a selection."""
+    q, k, v, starts, lens = _packed(8, 4, 64, [70, 1, 130])
+    pre_starts, pre_lens = torch.zeros(3, dtype=torch.int64), torch.tensor([0, 0, 0])
+    checked = kernel(q, k, v, starts, lens, None, None, pre_starts, pre_lens)
+    assert torch.equal(kernel(q, k, v, starts, lens, None, None, pre_starts, pre_lens, trusted=True), checked)
+    seg, row = torch.tensor([0, 2, 1]), torch.tensor([69, 5, 0])
+    rows = starts[seg] + row
+    picked = kernel(q[rows], k, v, starts, lens, None, None, pre_starts, pre_lens, select=(seg, row), trusted=True)
+    assert torch.equal(picked, checked[rows])
