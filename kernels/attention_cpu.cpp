@@ -313,11 +313,6 @@ struct Args {
 // widening path keeps its scalar loops).
 inline bool in_blocks16(const Args& a) { return kTranspose16 && (a.dot || !a.bf16); }
 
-// Scratch of one thread, for up to `rows` stacked query rows, rp = rows rounded up to whole vectors:
-// the output accumulator transposed (D x rp), one block of scores transposed (BK x rp), per row the
-// running max and sum and the block's visible keys; and, by path, the query block transposed (D x rp)
-// with the block's keys and values widened to fp32 when they are bf16 (BK x D each), or (bf16 pairs)
-// Q^T, P^T and V with their pairs along D, keys and keys.
 // An uninitialised buffer: every value is written before it is read (zeroing the whole scratch of
 // every call cost more than the attention of a batch of short sequences).
 template <class T>
@@ -333,13 +328,18 @@ struct Buf {
   T& operator[](size_t i) const { return p[i]; }
 };
 
+// Scratch of one thread, for up to `rows` stacked query rows, rp = rows rounded up to whole vectors:
+// the output accumulator transposed (D x rp), one block of scores transposed (BK x rp), per row the
+// running max and sum and the block's visible keys; and, by path, the query block transposed (D x rp)
+// with the block's keys and values widened to fp32 when they are bf16 (BK x D each), or (bf16 pairs)
+// Q^T, P^T and V with their pairs along D, keys and keys; with AVX-512, a key block transposed (D x BK).
 struct Scratch {
   Buf<float> ot, st, max, sum, qt, kb, vb, kt;
   Buf<int32_t> lo, hi;
   Buf<uint32_t> qt2, pt2, vp2;
   Scratch(const Args& a, int64_t rows) {
     const int64_t rp = (rows + W - 1) / W * W;
-    for (Buf<float>* b : {&ot, &qt}) b->resize(a.d * rp);
+    ot.resize(a.d * rp);
     st.resize(BK * rp);
     for (Buf<float>* b : {&max, &sum}) b->resize(rp);
     for (Buf<int32_t>* b : {&lo, &hi}) b->resize(rp);
@@ -350,6 +350,7 @@ struct Scratch {
       vp2.resize(BK / 2 * a.d);
       return;
     }
+    qt.resize(a.d * rp);
     if (a.bf16) {
       kb.resize(BK * a.d);
       vb.resize(BK * a.d);
@@ -416,8 +417,7 @@ void run_item(const Args& a, const Item& w, Scratch& t) {
     int64_t ldk = 0, ldv = 0;
     const float *kp = nullptr, *vp = nullptr;
     const uint32_t* kp2 = nullptr;  // keys as bf16 pairs, in place
-    const bool kt = !t.kt.empty();  // keys transposed: the scores' micro-kernel reads them at unit stride
-    if (kt) {
+    if (blocks16) {  // keys transposed: the scores' micro-kernel reads them at unit stride
       const int64_t esize = a.bf16 ? 2 : 4;
       transpose_in(static_cast<const char*>(a.k) + (r * a.ldk + w.head * d) * esize, a.ldk * esize, nk,
                    a.dot ? d / 2 : d, t.kt.data(), BK, false, 1.0f);
@@ -432,6 +432,10 @@ void run_item(const Args& a, const Item& w, Scratch& t) {
       kp = rows_f32(a.k, a.bf16, a.ldk, r, nk, w.head * d, d, t.kb.data(), ldk);
       vp = rows_f32(a.v, a.bf16, a.ldv, r, nk, w.head * d, d, t.vb.data(), ldv);
     }
+    // what the scores read: dim (or pair) u of key x at keys[x * kx + u * ku], transposed or in place
+    const float* keys = blocks16 ? t.kt.data() : kp;
+    const uint32_t* keys2 = blocks16 ? reinterpret_cast<const uint32_t*>(t.kt.data()) : kp2;
+    const int64_t kx = blocks16 ? 1 : a.dot ? a.ldk / 2 : ldk, ku = blocks16 ? BK : 1;
     for (int64_t row = 0; row < rp; ++row) {  // the keys of this block each row sees: [lo, hi)
       if (row >= rows) {
         t.lo[row] = t.hi[row] = 0;
@@ -449,16 +453,11 @@ void run_item(const Args& a, const Item& w, Scratch& t) {
       if (hi <= lo) continue;
       for (int64_t c = lo; c < hi; c += KT) {  // scores
         const int kk = static_cast<int>(std::min<int64_t>(KT, hi - c)), nv = static_cast<int>(nr / W);
-        if (a.dot && kt)
-          product<Bf16>(kk, nv, t.qt2.data() + r0, rp, reinterpret_cast<const uint32_t*>(t.kt.data()) + c, int64_t{1},
-                        BK, int64_t{0}, d / 2, st + c * rp + r0, false, a.scale);
-        else if (a.dot)
-          product<Bf16>(kk, nv, t.qt2.data() + r0, rp, kp2 + c * (a.ldk / 2), a.ldk / 2, int64_t{1}, int64_t{0},
-                        d / 2, st + c * rp + r0, false, a.scale);
-        else if (kt)
-          product<F32>(kk, nv, qt + r0, rp, t.kt.data() + c, int64_t{1}, BK, int64_t{0}, d, st + c * rp + r0, false);
+        if (a.dot)
+          product<Bf16>(kk, nv, t.qt2.data() + r0, rp, keys2 + c * kx, kx, ku, int64_t{0}, d / 2, st + c * rp + r0,
+                        false, a.scale);
         else
-          product<F32>(kk, nv, qt + r0, rp, kp + c * ldk, ldk, int64_t{1}, int64_t{0}, d, st + c * rp + r0, false);
+          product<F32>(kk, nv, qt + r0, rp, keys + c * kx, kx, ku, int64_t{0}, d, st + c * rp + r0, false);
       }
       for (int64_t x0 = r0; x0 < r0 + nr; x0 += W) {  // online softmax, W rows at a time
         const ivec rlo = iload(&t.lo[x0]), rhi = iload(&t.hi[x0]);
