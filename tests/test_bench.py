@@ -114,3 +114,17 @@ def test_bench_texts_tokenise_back_to_the_workload_ids():
     assert max(len(as_text(ids)) / len(ids) for ids in workload(5, 1, 300, 151936, seed=5)) <= 5  # vLLM's bound: 6
     assert ours.body(["a b"]) == {"items": [{"text": "a b"}]}
     assert vllm.body(["a b", "c"]) == {"model": "m", "input": ["a b", "c"], "use_activation": False}
+
+
+def test_free_ports_lie_below_the_ephemeral_range_bind_and_are_not_handed_out_twice():
+    """A port from bind(0) can be taken by another process's outgoing connection before the server binds it
+    (a Ray proxy once failed so in CI); ports below the kernel's ephemeral range cannot."""
+    import socket
+
+    from rewardserve.bench.proc import _ephemeral_low, free_port
+
+    ports = [free_port() for _ in range(50)]
+    assert len(set(ports)) == 50
+    assert all(20000 <= p < _ephemeral_low() for p in ports)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", ports[-1]))

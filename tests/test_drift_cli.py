@@ -3,23 +3,17 @@
 from __future__ import annotations
 
 import math
-import socket
 import subprocess
 import sys
 
 import pytest
 
 from rewardserve import drift_cli
+from rewardserve.bench.proc import free_port
 from rewardserve.config import quick
 from tests.server import serve
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-
-
-def _closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]  # nothing listens here once the socket is closed
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +53,7 @@ def test_model_filter(server, tmp_path, capsys):
 
 
 def test_unreachable_server_exits_2_with_a_clear_message(tmp_path, capsys):
-    url = f"http://127.0.0.1:{_closed_port()}"
+    url = f"http://127.0.0.1:{free_port()}"  # nothing listens there
     assert drift_cli.main(["--url", url, "--out", str(tmp_path / "x.png"), "--timeout", "5"]) == 2
     err = capsys.readouterr().err
     assert "cannot reach rewardserve at " + url in err

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import shutil
 import socket
 import subprocess
@@ -13,7 +14,32 @@ import urllib.request
 from typing import Iterator, NamedTuple
 
 
+_handed_out: set[int] = set()
+
+
+def _ephemeral_low() -> int:
+    try:
+        return int(open("/proc/sys/net/ipv4/ip_local_port_range").read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768  # Linux's default; other systems differ, and then a clash is only less unlikely
+
+
 def free_port() -> int:
+    """A loopback port free now, below the kernel's ephemeral range: a port from bind(0) can be taken, before
+    the server binds it, as the source port of any outgoing connection (Ray alone opens hundreds)."""
+    low = _ephemeral_low()
+    if low - 20000 >= 1000:  # above Ray's worker ports (10002-19999)
+        for _ in range(200):
+            port = random.randrange(20000, low)
+            if port in _handed_out:
+                continue
+            with socket.socket() as s:
+                try:
+                    s.bind(("127.0.0.1", port))
+                except OSError:
+                    continue
+            _handed_out.add(port)
+            return port
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import re
 import shutil
-import socket
 import subprocess
 import time
 from pathlib import Path
@@ -20,6 +19,7 @@ import httpx
 import pytest
 import yaml
 
+from rewardserve.bench.proc import free_port
 from rewardserve.config import quick
 from tests.conftest import require_tool
 from tests.monitoring.test_deploy import RULES, dashboard_exprs, load_dashboard, score_traffic
@@ -30,12 +30,6 @@ pytestmark = pytest.mark.timeout(180)
 
 def _require_prometheus() -> None:
     require_tool(bool(shutil.which("prometheus") and shutil.which("promtool")), "prometheus")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _promtool(*args: str) -> subprocess.CompletedProcess:
@@ -151,7 +145,7 @@ class Prom:
 
 
 def _start_prometheus(tmp_path: Path, target: str, rules: Path):
-    port = _free_port()
+    port = free_port()
     config = tmp_path / "prometheus.yml"
     config.write_text(yaml.safe_dump({
         "global": {"scrape_interval": "1s", "evaluation_interval": "1s", "scrape_timeout": "1s"},
@@ -194,7 +188,7 @@ def test_prometheus_scrapes_the_service_evaluates_the_rules_and_answers_the_dash
     reference = tmp_path / "reference.json"
     reference.write_text(json.dumps([100.0 + 0.1 * i for i in range(20)]))
     settings = quick(model=str(tiny_ckpt("llama")), drift_window=10, drift_reference_file=str(reference),
-                     monitor_interval_s=0.2, redis_url=f"redis://127.0.0.1:{_free_port()}/0",
+                     monitor_interval_s=0.2, redis_url=f"redis://127.0.0.1:{free_port()}/0",
                      cache_breaker_failures=1, cache_breaker_cooldown_s=3600, reward_clip_low=-1.0,
                      reward_clip_high=1.0)
     rules = yaml.safe_load(RULES.read_text())
