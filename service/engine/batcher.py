@@ -4,8 +4,10 @@ A batch closes at its token budget, `max_batch_items` items, or `max_wait_ms` af
 arrived, whichever comes first. The token budget is `max_batch_tokens`, or fewer: what the device
 computes in `max_step_ms` at its measured rate. Big batches buy nothing once the device is busy
 (on CPU tokens/s is flat from 512 to 16k-token batches), but every item of a batch waits for all of
-it, and an interactive item that arrives behind it waits for it too; so a step is kept short. It waits for a free worker *before* collecting, so while
-every device is busy the queue keeps filling and the next batch is larger. Interactive items go
+it, and an interactive item that arrives behind it waits for it too; so a step is kept short. It
+waits for a free worker *before* collecting, so while every device is busy the queue keeps filling
+and the next batch is larger; a worker with a second place (an engine process's) is collected for
+only shortly before its running batch is due (engine/workers.py). Interactive items go
 before bulk ones; items of one request may ride in several batches; items whose client went away
 are dropped when they reach the head of the queue, before they cost compute.
 """
@@ -119,6 +121,7 @@ class Batcher:
         while True:
             await self._wait_for_items()
             worker = await self.pool.acquire()
+            await self.pool.next_batch_due(worker)
             batch = await self._collect()
             if batch:
                 self.pool.dispatch(worker, batch)

@@ -38,6 +38,7 @@ class Outcome:
     computed: int = 0  # positions the device computed
     real: int = 0  # real tokens
     splits: int = 0  # times a batch was halved after running out of memory
+    seconds: float | None = None  # the device's own time (engine processes measure it), else None
 
 
 def run_splitting(score: Callable, units: list[Unit]) -> Outcome:
@@ -52,14 +53,16 @@ def run_splitting(score: Callable, units: list[Unit]) -> Outcome:
             return Outcome([exc])
         half = len(units) // 2
         a, b = run_splitting(score, units[:half]), run_splitting(score, units[half:])
-        return Outcome(a.results + b.results, a.computed + b.computed, a.real + b.real, a.splits + b.splits + 1)
+        seconds = None if a.seconds is None or b.seconds is None else a.seconds + b.seconds
+        return Outcome(a.results + b.results, a.computed + b.computed, a.real + b.real, a.splits + b.splits + 1,
+                       seconds)
     rows, start, results = out.scores.tolist(), 0, []
     for u in units:
         results.append(rows[start: start + u.rows])
         start += u.rows
     if start != len(rows):
         raise bug(f"backend returned {len(rows)} rows for {start} expected.")
-    return Outcome(results, out.computed_positions, out.real_tokens)
+    return Outcome(results, out.computed_positions, out.real_tokens, seconds=out.seconds)
 
 
 def free_device_memory() -> None:

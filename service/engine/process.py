@@ -9,8 +9,10 @@ for the same reason).
 
 This process keeps the tokenizers, the queues and the caches; an engine process gets a `Plan` per
 model (models/loading.py), builds the replica itself, and answers `score(units)` calls over a pipe
-with the rows as a float32 array. A device's worker thread (engine/workers.py) makes the calls, one
-batch at a time, and waits on the pipe without the GIL. Exceptions come back as themselves (an
+with the rows as a float32 array. A device's worker threads (engine/workers.py) make the calls; a call
+is sent at once and its answer comes back through a reader thread that owns the pipe's receiving end,
+so a second batch can wait in the pipe while the engine computes the first and the engine never idles
+between them. The engine answers in the order it was asked. Exceptions come back as themselves (an
 out-of-memory error still splits its batch). An engine that dies or is killed (its batch ran past
 `batch_timeout_s`) is started again with the same plans, and its models are loaded anew.
 """
@@ -22,6 +24,8 @@ import multiprocessing
 import os
 import threading
 import time
+from collections import deque
+from concurrent.futures import Future
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 
@@ -125,9 +129,10 @@ def _engine_main(conn: Connection, device: str, tuning: Tuning) -> None:
                     torch.set_num_threads(threads)
                 start = time.perf_counter()
                 out = models[key].score(payload)
+                seconds = time.perf_counter() - start
                 if threads:
-                    chooser.record(threads, out.real_tokens, time.perf_counter() - start)
-                answer = (out.scores.numpy(), out.computed_positions, out.real_tokens)
+                    chooser.record(threads, out.real_tokens, seconds)
+                answer = (out.scores.numpy(), out.computed_positions, out.real_tokens, seconds)
             reply = ("ok", answer)
         except BaseException as exc:  # the caller decides what a failure means (engine/faults.py)
             if is_oom(exc):
@@ -139,19 +144,77 @@ def _engine_main(conn: Connection, device: str, tuning: Tuning) -> None:
             conn.send(("error", RuntimeError(f"{type(reply[1]).__name__}: {reply[1]} ({exc})")))
 
 
+class _Link:
+    """One started engine's pipe: calls go out in order under a lock, and a reader thread hands each
+    answer to the oldest waiting call. When the pipe breaks, every waiting call (and every later one)
+    gets EngineDied."""
+
+    def __init__(self, engine: "Engine", process, conn: Connection):
+        self.process, self.conn = process, conn
+        self.lock = threading.Lock()
+        self.waiting: deque[Future] = deque()
+        self.died: EngineDied | None = None
+        self._engine_name = str(engine.device)
+        self.reader = threading.Thread(target=self._read, name=f"rs-engine-reader-{engine.device}", daemon=True)
+        self.reader.start()
+
+    def submit(self, message) -> Future:
+        future: Future = Future()
+        with self.lock:
+            if self.died is not None:
+                raise self.died
+            self.waiting.append(future)
+            try:
+                self.conn.send(message)
+            except (OSError, ValueError):  # the engine is gone; the reader fails this call with the others
+                pass
+        return future
+
+    def _read(self) -> None:
+        while True:
+            try:
+                status, answer = self.conn.recv()
+            except BaseException:  # EOF, a broken or closed pipe: the engine is gone
+                break
+            with self.lock:
+                future = self.waiting.popleft()
+            if status == "error":
+                future.set_exception(answer)
+            else:
+                future.set_result(answer)
+        # The pipe breaks before the OS reaps the process: dead now, whatever is_alive says yet.
+        if self.process.is_alive():
+            self.process.kill()
+        self.process.join(1)
+        died = EngineDied(f"the engine process for {self._engine_name} died (exit code {self.process.exitcode})")
+        with self.lock:
+            self.died = died
+            waiting, self.waiting = list(self.waiting), deque()
+        for future in waiting:
+            future.set_exception(died)
+        self.conn.close()
+
+    @property
+    def alive(self) -> bool:
+        return self.died is None and self.process.is_alive()
+
+    def kill(self) -> None:
+        """Kill the process; the reader then sees the pipe break and fails the waiting calls."""
+        if self.process.is_alive():
+            self.process.kill()
+
+
 class Engine:
     """The server's handle on one device's engine process: `load(plan)` gives a backend whose
-    `score(units)` runs there. Calls are made from worker threads, one at a time."""
+    `score(units)` runs there. Calls may come from several threads at once; they run in turn."""
 
     def __init__(self, device: torch.device, tuning: Tuning, start_method: str | None = None):
         self.device = device
         self.tuning = tuning
         self.start_method = start_method or ("forkserver" if device.type == "cpu" else "spawn")
         self._ctx = multiprocessing.get_context(self.start_method)
-        self._lock = threading.Lock()
         self._plans: dict[int, object] = {}
-        self._process = None
-        self._conn: Connection | None = None
+        self._link: _Link | None = None
         self.pid: int | None = None
         self.restarts = 0
 
@@ -171,11 +234,15 @@ class Engine:
         except (EOFError, OSError):
             raise EngineDied(f"the engine process for {self.device} exited as it started "
                              f"(exit code {process.exitcode})") from None
-        self._process, self._conn = process, parent
+        self._link = _Link(self, process, parent)
+
+    @property
+    def _conn(self) -> Connection | None:
+        return self._link.conn if self._link is not None else None
 
     @property
     def alive(self) -> bool:
-        return self._conn is not None and self._process is not None and self._process.is_alive()
+        return self._link is not None and self._link.alive
 
     def load(self, plan) -> "RemoteBackend":
         key = len(self._plans)
@@ -184,60 +251,45 @@ class Engine:
         return RemoteBackend(self, key, info)
 
     def score(self, key: int, units: list[Unit]) -> BatchOutput:
-        scores, computed, real = self._call("score", key, units)
-        return BatchOutput(torch.from_numpy(scores), computed, real)
+        scores, computed, real, seconds = self._call("score", key, units)
+        return BatchOutput(torch.from_numpy(scores), computed, real, seconds)
 
     def _call(self, op: str, key: int, payload):
-        with self._lock:
-            if self._conn is None:
-                raise EngineDied(f"the engine process for {self.device} is not running")
-            try:
-                self._conn.send((op, key, payload))
-                status, answer = self._conn.recv()
-            except (EOFError, OSError):
-                # The pipe breaks before the OS reaps the process: dead now, whatever is_alive says yet.
-                self.kill()
-                if self._process is not None:
-                    self._process.join(1)
-                code = self._process.exitcode if self._process is not None else None
-                raise EngineDied(f"the engine process for {self.device} died (exit code {code})") from None
-        if status == "error":
-            raise answer
-        return answer
+        link = self._link
+        if link is None:
+            raise EngineDied(f"the engine process for {self.device} is not running")
+        return link.submit((op, key, payload)).result()
 
     def restart(self) -> None:
         """Kill the engine (a stuck batch with it) and start a fresh one that builds the same models."""
         self.kill()
-        if self._process is not None:
-            self._process.join(10)
+        if self._link is not None:
+            self._link.reader.join(10)
         self.restarts += 1
         self.start()
         for key, plan in sorted(self._plans.items()):
             self._call("load", key, plan)
 
     def kill(self) -> None:
-        """Stop the process now (not waiting for it: restart and close reap it); a call waiting on it
-        gets EngineDied."""
-        process, conn = self._process, self._conn
-        self._conn = None
-        if process is not None and process.is_alive():
-            process.kill()
-        if conn is not None:
-            conn.close()
+        """Stop the process now (not waiting for it: restart and close reap it); the calls waiting on it
+        get EngineDied."""
+        if self._link is not None:
+            self._link.kill()
 
     def close(self) -> None:
         """Ask the engine to exit, then make sure it has."""
-        with self._lock:
-            if self._conn is not None:
+        link = self._link
+        if link is None:
+            return
+        with link.lock:
+            if link.died is None:
                 try:
-                    self._conn.send(None)
-                except OSError:
+                    link.conn.send(None)
+                except (OSError, ValueError):
                     pass
-        if self._process is not None:
-            self._process.join(10)
-        self.kill()
-        if self._process is not None:
-            self._process.join(5)
+        link.process.join(10)
+        link.kill()
+        link.reader.join(5)
 
 
 class RemoteBackend:

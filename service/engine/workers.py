@@ -1,9 +1,14 @@
 """Devices and the models that run on them.
 
-Each device has one worker: a single thread, so model work never runs on the event loop and a device
-never runs two batches at once, whichever models share it (`Devices`, one per process). Each model
-has its replicas, one per device it was loaded on (`ModelWorkers`): it takes any free one of its
-devices for a batch, and measures and publishes that model's batches.
+Each device has one worker, so model work never runs on the event loop and a device never runs two
+batches at once, whichever models share it (`Devices`, one per process). A worker in this process
+holds one batch at a time. A worker whose device lives in an engine process (engine/process.py) holds
+two: the second waits in the engine's pipe while the first computes, so the engine goes from one batch
+straight to the next instead of idling while this process hands the answer back and sends the next
+batch. That second batch is collected only when the first is nearly done (`next_batch_due`), so it
+still holds what arrived meanwhile, and a batch arriving behind it waits for one running batch, as it
+would without it. Each model has its replicas, one per device it was loaded on (`ModelWorkers`): it
+takes any free one of its devices for a batch, and measures and publishes that model's batches.
 
 When a worker fails (engine/faults.py says what a failure means):
 - a batch that runs past `batch_timeout_s` fails (503), and its worker gets a fresh thread (the stuck
@@ -37,17 +42,29 @@ log = logging.getLogger(__name__)
 _PROBE = [Unit.single([0], (0,))]  # one token: what a fresh worker thread runs before it is trusted
 
 
+# How long before the running batch's predicted end the next one is collected: enough to collect it,
+# pickle it and send it while the engine still computes.
+_LEAD_S = 0.004
+
+
 class Worker:
-    def __init__(self, device: str):
+    def __init__(self, device: str, depth: int = 1):
         self.device = device
+        self.depth = depth  # batches it holds at once
         self.executor = self._thread()
-        self.busy = False
+        self.in_flight = 0
+        self.due = 0.0  # when the batches in flight are predicted to be done (perf_counter)
+        self.finished = asyncio.Event()  # set whenever one of its batches ends
         self.last_used = 0  # when it was last handed out (a counter): free workers go least recently used first
         self.replacing: str | None = None  # why its thread was replaced, until a probe batch has run on the new one
         self.lost: str | None = None  # why the device is out of service for good
 
+    @property
+    def busy(self) -> bool:
+        return self.in_flight >= self.depth
+
     def _thread(self) -> ThreadPoolExecutor:
-        return ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"rs-{self.device}")
+        return ThreadPoolExecutor(max_workers=self.depth, thread_name_prefix=f"rs-{self.device}")
 
     def replace_thread(self, why: str) -> None:
         old, self.executor = self.executor, self._thread()
@@ -63,8 +80,8 @@ class Devices:
         self._waiting: deque[tuple[frozenset[str], asyncio.Future]] = deque()
         self._handed = 0
 
-    def add(self, device: str) -> None:
-        self.workers.setdefault(device, Worker(device))
+    def add(self, device: str, depth: int = 1) -> None:
+        self.workers.setdefault(device, Worker(device, depth))
 
     def problems(self) -> tuple[list[str], list[str]]:
         """(devices lost for good, workers being replaced), each with the reason."""
@@ -73,12 +90,15 @@ class Devices:
         return lost, replacing
 
     def _take(self, devices: frozenset[str]) -> Worker | None:
-        free = [self.workers[d] for d in devices if not self.workers[d].busy]
+        # A worker being replaced takes nothing until its probe has run (it may be restarting its engine).
+        free = [self.workers[d] for d in devices if not self.workers[d].busy and not self.workers[d].replacing]
         if not free:
             return None
-        w = min(free, key=lambda w: (w.lost is not None, w.last_used))  # a lost device only when nothing else is
+        # an idle device before a busy one's second place; a lost device only when nothing else is
+        w = min(free, key=lambda w: (w.lost is not None, w.in_flight, w.last_used))
         self._handed += 1
-        w.busy, w.last_used = True, self._handed
+        w.in_flight += 1
+        w.last_used = self._handed
         return w
 
     async def acquire(self, devices: frozenset[str]) -> Worker:
@@ -98,7 +118,12 @@ class Devices:
             raise
 
     def release(self, worker: Worker) -> None:
-        worker.busy = False
+        worker.in_flight -= 1
+        worker.finished.set()
+        self._hand_out()
+
+    def wake(self) -> None:
+        """A worker became usable again (its probe ran): give it to whoever waits."""
         self._hand_out()
 
     def _hand_out(self) -> None:
@@ -124,8 +149,8 @@ class ModelWorkers:
     def __init__(self, backends: list, devices: Devices, metrics: Metrics, model_name: str,
                  batch_timeout_s: float = 300.0):
         self.backends = {str(b.device): b for b in backends}
-        for d in self.backends:
-            devices.add(d)
+        for d, b in self.backends.items():
+            devices.add(d, depth=2 if getattr(b, "engine", None) is not None else 1)
         self.mine = frozenset(self.backends)
         self.devices = devices
         self.metrics = metrics
@@ -140,8 +165,24 @@ class ModelWorkers:
     def release(self, worker: Worker) -> None:
         self.devices.release(worker)
 
+    async def next_batch_due(self, worker: Worker) -> None:
+        """Return when the next batch for `worker` should be collected: at once if nothing else runs on
+        it, else shortly before the batches running there are predicted to end (or when one ends)."""
+        while worker.in_flight > 1 and not worker.replacing:
+            wait = worker.due - _LEAD_S - time.perf_counter()
+            if wait <= 0:
+                return
+            worker.finished.clear()
+            try:
+                await asyncio.wait_for(worker.finished.wait(), wait)
+            except asyncio.TimeoutError:
+                return
+
     def dispatch(self, worker: Worker, batch: list[WorkItem]) -> None:
         """Run `batch` on `worker` in the background; the worker is released when it is done."""
+        tokens = sum(it.tokens for it in batch)
+        rate = self.tokens_per_second
+        worker.due = max(worker.due, time.perf_counter()) + (tokens / rate if rate > 0 else 0.0)
         task = asyncio.get_running_loop().create_task(self._run(worker, batch))
         self._running.add(task)
         task.add_done_callback(self._running.discard)
@@ -160,8 +201,8 @@ class ModelWorkers:
         finished = time.perf_counter()
         for it in batch:
             it.finished = finished
-        if outcome.real:
-            self._publish(worker.device, batch, outcome, finished - start)
+        if outcome.real:  # a batch that waited in an engine's pipe counts the engine's time only
+            self._publish(worker.device, batch, outcome, outcome.seconds or finished - start)
         for it, result in zip(batch, outcome.results):
             if it.future.done():
                 continue
@@ -202,10 +243,12 @@ class ModelWorkers:
         return outcome
 
     def _replace(self, worker: Worker, why: str, stuck: bool = False) -> None:
-        log.error("replacing the worker thread of %s: %s", worker.device, why)
         engine = getattr(self.backends[worker.device], "engine", None)
         if engine is not None and stuck:
             engine.kill()  # a batch stuck in the engine process ends with it; the probe starts a new one
+        if worker.replacing:  # the other batch in flight failed with the same engine: one probe is enough
+            return
+        log.error("replacing the worker thread of %s: %s", worker.device, why)
         worker.replace_thread(why)
         self.metrics.worker_replacements.labels(worker.device).inc()
         task = asyncio.get_running_loop().create_task(self._probe(worker))
@@ -225,6 +268,7 @@ class ModelWorkers:
             worker.lost = f"the replaced worker's probe failed: {type(exc).__name__}: {exc}"
             log.error("device %s is out of service: %s", worker.device, worker.lost)
         worker.replacing = None
+        self.devices.wake()
 
     def _publish(self, device: str, batch: list[WorkItem], out: Outcome, elapsed: float) -> None:
         m, name = self.metrics, self.model

@@ -33,6 +33,7 @@ class BatchOutput:
     scores: torch.Tensor  # (n, K) float32 on CPU, in input order
     computed_positions: int  # positions the device computed, padding included
     real_tokens: int
+    seconds: float | None = None  # the device's own time on the batch, where the backend measured it apart
 
 
 def plan_padded(lengths: list[int], max_tokens: int) -> list[list[int]]:

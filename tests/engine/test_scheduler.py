@@ -29,6 +29,16 @@ async def _started(path) -> Registry:
     return reg
 
 
+async def _hold(reg: Registry) -> list:
+    """Every place on the cpu worker (an engine process's worker holds two batches)."""
+    return [await reg.devices.acquire(frozenset({"cpu"})) for _ in range(reg.devices.workers["cpu"].depth)]
+
+
+def _let_go(reg: Registry, held: list) -> None:
+    for w in held:
+        reg.devices.release(w)
+
+
 def test_identical_items_join_one_computation_even_inside_a_group(tiny_ckpt):
     async def run():
         reg = await _started(tiny_ckpt("llama"))
@@ -37,7 +47,7 @@ def test_identical_items_join_one_computation_even_inside_a_group(tiny_ckpt):
             return reg.metrics.registry.get_sample_value("rewardserve_singleflight_shared_items_total",
                                                          {"model": runner.name})
 
-        held = await reg.devices.acquire(frozenset({"cpu"}))  # the device is busy: everything queues
+        held = await _hold(reg)  # the device is busy: everything queues
         group = [_seq(PREFIX + [50 + i] * (i + 1)) for i in range(3)]
         a = asyncio.ensure_future(runner.run(group, lane=Lane.interactive, ticket=Ticket(), groups=[[0, 1, 2]]))
         await asyncio.sleep(0)
@@ -46,7 +56,7 @@ def test_identical_items_join_one_computation_even_inside_a_group(tiny_ckpt):
         await asyncio.sleep(0)
         assert shared() == 1  # group[1] joined a's unit; its copy joined it within the request
         assert sum(len(q) for q in runner.batcher.lanes) == 2  # only [7, 8, 9] was added
-        reg.devices.release(held)
+        _let_go(reg, held)
         ra, rb = await a, await b
         alone = await runner.run([group[1]], lane=Lane.interactive, ticket=Ticket(), use_cache=False)
         await reg.stop()
@@ -62,9 +72,9 @@ def test_cache_hits_skip_the_queue(tiny_ckpt):
         reg = await _started(tiny_ckpt("llama"))
         runner = reg.get(None).runner
         first = await runner.run([_seq([5, 6, 7])], lane=Lane.interactive, ticket=Ticket())
-        held = await reg.devices.acquire(frozenset({"cpu"}))
+        held = await _hold(reg)
         again = await asyncio.wait_for(runner.run([_seq([5, 6, 7])], lane=Lane.interactive, ticket=Ticket()), 5)
-        reg.devices.release(held)
+        _let_go(reg, held)
         await reg.stop()
         return first, again
 
