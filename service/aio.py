@@ -16,6 +16,16 @@ async def cancel_and_wait(task: asyncio.Task | None) -> None:
         pass
 
 
+async def next_set(event: asyncio.Event, timeout: float) -> bool:
+    """Clear `event` and wait up to `timeout` seconds for it to be set again; True if it was."""
+    event.clear()
+    try:
+        await asyncio.wait_for(event.wait(), timeout)
+    except asyncio.TimeoutError:
+        return False
+    return True
+
+
 async def gather_or_cancel(*aws):
     """asyncio.gather, except that the first failure cancels the others (and waits until they have
     stopped) before it is raised; cancelling the gather cancels them all."""

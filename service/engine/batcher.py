@@ -20,7 +20,7 @@ import time
 from collections import deque
 from dataclasses import dataclass
 
-from rewardserve.aio import cancel_and_wait
+from rewardserve.aio import cancel_and_wait, next_set
 from rewardserve.engine.types import Lane, Ticket, WorkItem
 from rewardserve.engine.workers import ModelWorkers
 from rewardserve.errors import DeadlineExceeded, Overloaded, RequestTooLarge
@@ -150,11 +150,7 @@ class Batcher:
             remaining = deadline - time.perf_counter()
             if full or remaining <= 0:
                 break
-            self._arrived.clear()
-            try:
-                await asyncio.wait_for(self._arrived.wait(), remaining)
-            except asyncio.TimeoutError:
-                pass
+            await next_set(self._arrived, remaining)
         # items are counted as queued until their batch leaves; a client may have left meanwhile
         self.queued_tokens -= tokens
         live = []

@@ -31,6 +31,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
+from rewardserve.aio import next_set
 from rewardserve.engine.faults import Outcome, is_device_lost, run_splitting
 from rewardserve.engine.process import EngineDied
 from rewardserve.engine.types import WorkItem
@@ -172,10 +173,7 @@ class ModelWorkers:
             wait = worker.due - _LEAD_S - time.perf_counter()
             if wait <= 0:
                 return
-            worker.finished.clear()
-            try:
-                await asyncio.wait_for(worker.finished.wait(), wait)
-            except asyncio.TimeoutError:
+            if not await next_set(worker.finished, wait):
                 return
 
     def dispatch(self, worker: Worker, batch: list[WorkItem]) -> None:
