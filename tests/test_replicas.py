@@ -14,7 +14,7 @@ from tests.server import serve
 def test_two_servers_sharing_redis_serve_each_others_scores_and_compute_the_same_ones(tiny_ckpt):
     redis = RedisProcess().start()
     try:
-        config = quick(model=str(tiny_ckpt("llama")), redis_url=redis.url, lru_items=0)
+        config = quick(model=str(tiny_ckpt("llama")), redis_url=redis.url, lru_items=0, cache_timeout_ms=2000)  # sharing, not deadlines
         items = [{"prompt": f"Question {i}?", "response": "An answer " * (i + 1)} for i in range(6)]
         with serve(*config) as a, serve(*config) as b, a.client() as ca, b.client() as cb:
             first = ca.post("/v1/score", json={"items": items}).json()

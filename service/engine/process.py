@@ -28,6 +28,7 @@ from collections import deque
 from concurrent.futures import Future
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
+from multiprocessing.reduction import ForkingPickler
 
 import torch
 
@@ -159,13 +160,14 @@ class _Link:
         self.reader.start()
 
     def submit(self, message) -> Future:
-        future: Future = Future()
+        data = ForkingPickler.dumps(message)  # what Connection.send does; a payload that cannot pickle fails
+        future: Future = Future()            # here, before it takes a place in line for an answer
         with self.lock:
             if self.died is not None:
                 raise self.died
             self.waiting.append(future)
             try:
-                self.conn.send(message)
+                self.conn.send_bytes(data)
             except (OSError, ValueError):  # the engine is gone; the reader fails this call with the others
                 pass
         return future

@@ -170,3 +170,11 @@ def test_the_second_batch_is_collected_shortly_before_the_first_is_due_or_when_i
         assert time.perf_counter() - start < 10
 
     asyncio.run(run())
+
+
+def test_a_batch_that_cannot_be_sent_fails_alone_and_the_next_answers_stay_in_line(server):
+    a = _units(2, seed=5)
+    ref = server.backend.score(a).scores.tolist()
+    with pytest.raises(Exception, match="pickle"):
+        server.engine._call("score", 0, [lambda: None])  # a payload that does not pickle
+    assert server.engine.alive and server.backend.score(a).scores.tolist() == ref
