@@ -178,3 +178,30 @@ def test_a_batch_that_cannot_be_sent_fails_alone_and_the_next_answers_stay_in_li
     with pytest.raises(Exception, match="pickle"):
         server.engine._call("score", 0, [lambda: None])  # a payload that does not pickle
     assert server.engine.alive and server.backend.score(a).scores.tolist() == ref
+
+
+def test_device_busy_and_batch_time_count_the_engines_own_time_not_the_wait_in_its_pipe(server):
+    """Two batches wait a second in a stopped engine's pipe: counted by wall time here, that second
+    would count twice as device time (and overlapping batches would make a device more than 100% busy)."""
+    labels = dict(model=server.name, device="cpu")
+    before = (server.metric("rewardserve_device_busy_seconds_total", **labels),
+              server.metric("rewardserve_inference_duration_seconds_sum", **labels),
+              server.metric("rewardserve_inference_duration_seconds_count", **labels))
+    os.kill(server.engine.pid, signal.SIGSTOP)
+    try:
+        def post(i):
+            with server.client() as own:
+                return own.post("/v1/score", json={"items": [ITEMS[i]], "cache": False})
+
+        threads, results = _in_threads([lambda: post(0), lambda: post(1)])
+        _wait_for(lambda: len(server.engine._link.waiting) == 2, "two batches in the stopped engine's pipe")
+        time.sleep(1.0)
+    finally:
+        os.kill(server.engine.pid, signal.SIGCONT)
+    for t in threads:
+        t.join(60)
+    assert [r.status_code for r in results] == [200, 200]
+    busy, seconds, batches = (server.metric("rewardserve_device_busy_seconds_total", **labels) - before[0],
+                              server.metric("rewardserve_inference_duration_seconds_sum", **labels) - before[1],
+                              server.metric("rewardserve_inference_duration_seconds_count", **labels) - before[2])
+    assert batches == 2 and 0 < busy < 0.5 and 0 < seconds < 0.5
