@@ -150,13 +150,13 @@ class _Link:
     answer to the oldest waiting call. When the pipe breaks, every waiting call (and every later one)
     gets EngineDied."""
 
-    def __init__(self, engine: "Engine", process, conn: Connection):
+    def __init__(self, name: str, process, conn: Connection):
         self.process, self.conn = process, conn
         self.lock = threading.Lock()
         self.waiting: deque[Future] = deque()
         self.died: EngineDied | None = None
-        self._engine_name = str(engine.device)
-        self.reader = threading.Thread(target=self._read, name=f"rs-engine-reader-{engine.device}", daemon=True)
+        self._engine_name = name
+        self.reader = threading.Thread(target=self._read, name=f"rs-engine-reader-{name}", daemon=True)
         self.reader.start()
 
     def submit(self, message) -> Future:
@@ -236,11 +236,7 @@ class Engine:
         except (EOFError, OSError):
             raise EngineDied(f"the engine process for {self.device} exited as it started "
                              f"(exit code {process.exitcode})") from None
-        self._link = _Link(self, process, parent)
-
-    @property
-    def _conn(self) -> Connection | None:
-        return self._link.conn if self._link is not None else None
+        self._link = _Link(str(self.device), process, parent)
 
     @property
     def alive(self) -> bool:

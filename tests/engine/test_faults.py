@@ -211,7 +211,7 @@ def test_an_engine_whose_pipe_broke_counts_as_dead_even_before_its_process_is_re
         [engine] = s.registry.engines.values()
         first = engine.pid
         os.kill(first, signal.SIGSTOP)
-        socket.socket(fileno=os.dup(engine._conn.fileno())).shutdown(socket.SHUT_RDWR)
+        socket.socket(fileno=os.dup(engine._link.conn.fileno())).shutdown(socket.SHUT_RDWR)
         r = c.post("/v1/score", json={"items": ITEMS, "cache": False})
         assert r.status_code == 503 and "engine process for cpu died (exit code -9)" in r.json()["error"]["message"]
         for _ in range(600):
