@@ -351,10 +351,8 @@ struct Scratch {
       return;
     }
     qt.resize(a.d * rp);
-    if (a.bf16) {
-      kb.resize(BK * a.d);
-      vb.resize(BK * a.d);
-    }
+    kb.resize(BK * a.d);  // a block's keys and values as fp32 rows, when they are bf16 or straddle a prompt's end
+    vb.resize(BK * a.d);
   }
 };
 
@@ -364,16 +362,21 @@ inline int64_t key_row(const Args& a, int64_t seg, int64_t c) {
   return c < p ? a.prefix_starts[seg] + c : a.starts[seg] + c - p;
 }
 
-// Rows r .. r + n - 1 of head h of a fp32 or bf16 tensor as fp32: a pointer and its row stride.
-inline const float* rows_f32(const void* base, bool bf16, int64_t ld, int64_t r, int64_t n, int64_t col, int64_t d,
-                             float* scratch, int64_t& ld_out) {
-  if (!bf16) {
+// Keys (or values) c = from .. n - 1 of a block of head h of a fp32 or bf16 tensor, as fp32 rows: key c
+// is packed row r + c when c < np (a prompt's), else r2 + c - np (the segment's own). Returns the row of
+// key 0 and the row stride: in place for fp32 rows of one run, else copied into scratch.
+inline const float* rows_f32(const void* base, bool bf16, int64_t ld, int64_t r, int64_t np, int64_t r2,
+                             int64_t from, int64_t n, int64_t col, int64_t d, float* scratch, int64_t& ld_out) {
+  if (!bf16 && (np == 0 || np >= n)) {
     ld_out = ld;
     return static_cast<const float*>(base) + r * ld + col;
   }
-  const uint16_t* src = static_cast<const uint16_t*>(base) + r * ld + col;
-  for (int64_t c = 0; c < n; ++c)
-    for (int64_t i = 0; i < d; ++i) scratch[c * d + i] = bf16_to_f32(src[c * ld + i]);
+  for (int64_t c = from; c < n; ++c) {
+    const int64_t row = c < np ? r + c : r2 + c - np;
+    for (int64_t i = 0; i < d; ++i)
+      scratch[c * d + i] = bf16 ? bf16_to_f32(static_cast<const uint16_t*>(base)[row * ld + col + i])
+                                : static_cast<const float*>(base)[row * ld + col + i];
+  }
   ld_out = d;
   return scratch;
 }
@@ -411,38 +414,51 @@ void run_item(const Args& a, const Item& w, Scratch& t) {
   std::fill_n(ot, d * rp, 0.0f);
   std::fill_n(t.max.data(), rp, -INFINITY);
   std::fill_n(t.sum.data(), rp, 0.0f);
-  for (int64_t c0 = w.k0, nk; c0 < end; c0 += nk) {
-    nk = std::min(BK, (c0 < plen ? plen : end) - c0);  // a block never straddles prompt and own rows
-    const int64_t r = key_row(a, w.seg, c0);
+  // Key blocks sit at whole multiples of BK positions, wherever the item's first visible key and
+  // the prompt's end fall: a row's online softmax then steps through the same blocks whether its
+  // sequence runs whole or as a prompt and a response, so both give the same bits.
+  for (int64_t c0 = w.k0 / BK * BK, nk; c0 < end; c0 += nk) {
+    nk = std::min(BK, end - c0);
+    const int64_t from = std::max<int64_t>(w.k0 - c0, 0);  // no row of the item sees the block's keys before it
+    const int64_t np = std::min(std::max<int64_t>(plen - c0, 0), nk);  // the block's prompt keys come first
+    const int64_t r = key_row(a, w.seg, c0), r2 = a.starts[w.seg] + std::max<int64_t>(c0 - plen, 0);
     int64_t ldk = 0, ldv = 0;
     const float *kp = nullptr, *vp = nullptr;
-    const uint32_t* kp2 = nullptr;  // keys as bf16 pairs, in place
     if (blocks16) {  // keys transposed: the scores' micro-kernel reads them at unit stride
-      const int64_t esize = a.bf16 ? 2 : 4;
-      transpose_in(static_cast<const char*>(a.k) + (r * a.ldk + w.head * d) * esize, a.ldk * esize, nk,
-                   a.dot ? d / 2 : d, t.kt.data(), BK, false, 1.0f);
+      const int64_t esize = a.bf16 ? 2 : 4, units = a.dot ? d / 2 : d, own = std::max(from, np);
+      const char* kbase = static_cast<const char*>(a.k) + w.head * d * esize;
+      if (np > from)
+        transpose_in(kbase + (r + from) * a.ldk * esize, a.ldk * esize, np - from, units, t.kt.data() + from, BK,
+                     false, 1.0f);
+      if (nk > own)
+        transpose_in(kbase + (r2 + own - np) * a.ldk * esize, a.ldk * esize, nk - own, units, t.kt.data() + own, BK,
+                     false, 1.0f);
     }
     if (a.dot) {
-      kp2 = reinterpret_cast<const uint32_t*>(static_cast<const uint16_t*>(a.k) + r * a.ldk + w.head * d);
-      const uint16_t* v16 = static_cast<const uint16_t*>(a.v) + r * a.ldv + w.head * d;
-      for (int64_t c = 0; c < nk; c += 2)  // values as pairs of consecutive keys (0 past the block)
+      const uint16_t* v16 = static_cast<const uint16_t*>(a.v) + w.head * d;
+      auto row_of = [&](int64_t c) { return c < np ? r + c : r2 + c - np; };
+      for (int64_t c = from & ~int64_t{1}; c < nk; c += 2) {  // values as pairs of consecutive keys (0 past the block)
+        const uint16_t *v0 = v16 + row_of(c) * a.ldv, *v1 = c + 1 < nk ? v16 + row_of(c + 1) * a.ldv : nullptr;
         for (int64_t j = 0; j < d; ++j)
-          t.vp2[c / 2 * d + j] = v16[c * a.ldv + j] | (c + 1 < nk ? static_cast<uint32_t>(v16[(c + 1) * a.ldv + j]) << 16 : 0u);
+          t.vp2[c / 2 * d + j] = v0[j] | (v1 ? static_cast<uint32_t>(v1[j]) << 16 : 0u);
+      }
     } else {
-      kp = rows_f32(a.k, a.bf16, a.ldk, r, nk, w.head * d, d, t.kb.data(), ldk);
-      vp = rows_f32(a.v, a.bf16, a.ldv, r, nk, w.head * d, d, t.vb.data(), ldv);
+      if (!blocks16)
+        kp = rows_f32(a.k, a.bf16, a.ldk, r, np, r2, from, nk, w.head * d, d, t.kb.data(), ldk);
+      vp = rows_f32(a.v, a.bf16, a.ldv, r, np, r2, from, nk, w.head * d, d, t.vb.data(), ldv);
     }
     // what the scores read: dim (or pair) u of key x at keys[x * kx + u * ku], transposed or in place
     const float* keys = blocks16 ? t.kt.data() : kp;
-    const uint32_t* keys2 = blocks16 ? reinterpret_cast<const uint32_t*>(t.kt.data()) : kp2;
-    const int64_t kx = blocks16 ? 1 : a.dot ? a.ldk / 2 : ldk, ku = blocks16 ? BK : 1;
+    const uint32_t* keys2 = reinterpret_cast<const uint32_t*>(t.kt.data());  // bf16 pairs: always transposed
+    const int64_t kx = blocks16 ? 1 : ldk, ku = blocks16 ? BK : 1;
     for (int64_t row = 0; row < rp; ++row) {  // the keys of this block each row sees: [lo, hi)
-      if (row >= rows) {
-        t.lo[row] = t.hi[row] = 0;
+      if (row >= rows) {  // padding: sees nothing, and keeps its tile off the keys before `from` (not loaded)
+        t.lo[row] = t.hi[row] = static_cast<int32_t>(from);
         continue;
       }
       const int64_t p = plen + w.r0 + row % n;
-      const int64_t lo = std::max<int64_t>(a.window > 0 ? p - a.window + 1 - c0 : 0, 0);
+      // a window can start past this block's end (the block starts at a multiple of BK, not at k0)
+      const int64_t lo = std::min(std::max<int64_t>(a.window > 0 ? p - a.window + 1 - c0 : 0, 0), nk);
       t.lo[row] = static_cast<int32_t>(lo);
       t.hi[row] = static_cast<int32_t>(std::max<int64_t>(std::min(nk, p - c0 + 1), lo));
     }
@@ -554,7 +570,7 @@ extern "C" int rs_causal_attention(const void* q, const void* k, const void* v, 
                                        const int64_t* sel_row, int64_t nsel, int64_t window,
                                        float scale, int64_t threads) {
   if (hk <= 0 || hq % hk != 0 || d <= 0 || threads <= 0) return 1;
-  const bool dot = kDotBf16 && bf16 && d % 2 == 0 && ldk % 2 == 0 && ldv % 2 == 0 &&
+  const bool dot = kDotBf16 && kTranspose16 && bf16 && d % 2 == 0 && ldk % 2 == 0 && ldv % 2 == 0 &&
                    reinterpret_cast<uintptr_t>(k) % 4 == 0 && reinterpret_cast<uintptr_t>(v) % 4 == 0;
   const Args a{q, k, v, out, bf16 != 0, ldq, ldk, ldv, ldo, hq / hk, d, window, scale, starts,
                prefix_starts, prefix_lens, dot};

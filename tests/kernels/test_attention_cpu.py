@@ -27,6 +27,19 @@ def kernel():
     return load_kernel()
 
 
+@pytest.fixture(scope="module")
+def kernel_avx2(tmp_path_factory):
+    """The kernel built for AVX2 only (-march=haswell): the path of x86 CPUs without AVX-512, whose
+    keys are read in place rather than transposed."""
+    require_tool(attention_kernel_builds(), KERNEL_TOOL)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(attention_cpu, "FLAGS", tuple("-march=haswell" if f == "-march=native" else f
+                                                 for f in attention_cpu.FLAGS))
+        built = load_kernel(cache_dir=tmp_path_factory.mktemp("avx2"))
+    assert built is not None
+    return built
+
+
 def _packed(hq: int, hk: int, d: int, lens: list[int], seed: int = 0):
     """q, k, v as row-strided views of one fused (T, (Hq + 2 Hk) D) projection, as the model makes them."""
     g = torch.Generator().manual_seed(seed)
@@ -63,24 +76,35 @@ def test_reference_matches_torch_sdpa():
         torch.testing.assert_close(ref[rows], sdpa, **TOL)
 
 
-@pytest.mark.parametrize("window", [None, 3, 100], ids=lambda w: f"window{w}")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("window", [None, 3, 100, 700], ids=lambda w: f"window{w}")
 @pytest.mark.parametrize("heads", [(8, 4, 64), (6, 1, 16)], ids=str)
-def test_responses_attend_to_their_prompt_in_place(kernel, heads, window):
+@pytest.mark.parametrize("build", ["native", "avx2"])
+def test_responses_attend_to_their_prompt_in_place(request, build, heads, window, dtype):
     """A shared-prompt batch: prompt rows, then responses that read the prompt's keys in place.
-    Each response's rows equal the last rows of its prompt + response run as one whole sequence,
-    and match the reference; the prompt of 600 tokens crosses a 512-key block."""
-    prompt, responses = 600, [1, 64, 130, 7]
-    q, k, v, _, _ = _packed(*heads, [prompt, *responses])
+    Each response's rows are bit for bit the last rows of its prompt + response run as one whole
+    sequence (key blocks sit at the same positions either way), whole or only the selected rows, and
+    match the reference; the prompt of 600 tokens crosses a 512-key block."""
+    kernel = request.getfixturevalue("kernel" if build == "native" else "kernel_avx2")
+    prompt, responses = 600, [1, 64, 130, 7, 480]
+    q, k, v, _, _ = (t.to(dtype) for t in _packed(*heads, [prompt, *responses]))
     starts = torch.tensor([0] + [prompt + sum(responses[:i]) for i in range(len(responses))])
     lens = torch.tensor([prompt, *responses])
-    pre_starts, pre_lens = torch.zeros(5, dtype=torch.int64), torch.tensor([0] + [prompt] * 4)
+    pre_starts = torch.zeros(len(lens), dtype=torch.int64)
+    pre_lens = torch.tensor([0] + [prompt] * len(responses))
     out = kernel(q, k, v, starts, lens, window, None, pre_starts, pre_lens)
-    ref = causal_attention_torch(q, k, v, starts, lens, window, pre_starts, pre_lens)
-    torch.testing.assert_close(out, ref, **TOL)
-    for start, n in zip(starts[1:].tolist(), responses):
+    ref = causal_attention_torch(q.float(), k.float(), v.float(), starts, lens, window, pre_starts, pre_lens)
+    torch.testing.assert_close(out.float(), ref, **(TOL if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)))
+    for s, (start, n) in enumerate(zip(starts[1:].tolist(), responses), start=1):
         rows = torch.cat([torch.arange(prompt), torch.arange(start, start + n)])
         whole = kernel(q[rows], k[rows], v[rows], torch.tensor([0]), torch.tensor([prompt + n]), window)
-        torch.testing.assert_close(out[start:start + n], whole[prompt:], **TOL)
+        assert torch.equal(out[start:start + n], whole[prompt:])
+        last = torch.tensor([n - 1])
+        pooled = kernel(q[start + n - 1:start + n], k, v, starts, lens, window, None, pre_starts, pre_lens,
+                        select=(torch.tensor([s]), last))
+        whole_pooled = kernel(q[rows][-1:], k[rows], v[rows], torch.tensor([0]), torch.tensor([prompt + n]), window,
+                              select=(torch.tensor([0]), torch.tensor([prompt + n - 1])))
+        assert torch.equal(pooled, whole_pooled)
 
 
 def test_a_sequence_gets_the_same_output_whatever_else_is_in_the_batch(kernel):
