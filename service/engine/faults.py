@@ -39,6 +39,7 @@ class Outcome:
     real: int = 0  # real tokens
     splits: int = 0  # times a batch was halved after running out of memory
     seconds: float | None = None  # the device's own time (engine processes measure it), else None
+    saved: int = 0  # tokens not computed because items' shared beginnings ran once
 
 
 def run_splitting(score: Callable, units: list[Unit]) -> Outcome:
@@ -55,14 +56,14 @@ def run_splitting(score: Callable, units: list[Unit]) -> Outcome:
         a, b = run_splitting(score, units[:half]), run_splitting(score, units[half:])
         seconds = None if a.seconds is None or b.seconds is None else a.seconds + b.seconds
         return Outcome(a.results + b.results, a.computed + b.computed, a.real + b.real, a.splits + b.splits + 1,
-                       seconds)
+                       seconds, a.saved + b.saved)
     rows, start, results = out.scores.tolist(), 0, []
     for u in units:
         results.append(rows[start: start + u.rows])
         start += u.rows
     if start != len(rows):
         raise bug(f"backend returned {len(rows)} rows for {start} expected.")
-    return Outcome(results, out.computed_positions, out.real_tokens, seconds=out.seconds)
+    return Outcome(results, out.computed_positions, out.real_tokens, seconds=out.seconds, saved=out.saved_tokens)
 
 
 def free_device_memory() -> None:

@@ -132,8 +132,8 @@ def _engine_main(conn: Connection, device: str, tuning: Tuning) -> None:
                 out = models[key].score(payload)
                 seconds = time.perf_counter() - start
                 if threads:
-                    chooser.record(threads, out.real_tokens, seconds)
-                answer = (out.scores.numpy(), out.computed_positions, out.real_tokens, seconds)
+                    chooser.record(threads, out.real_tokens + out.saved_tokens, seconds)
+                answer = (out.scores.numpy(), out.computed_positions, out.real_tokens, seconds, out.saved_tokens)
             reply = ("ok", answer)
         except BaseException as exc:  # the caller decides what a failure means (engine/faults.py)
             if is_oom(exc):
@@ -249,8 +249,8 @@ class Engine:
         return RemoteBackend(self, key, info)
 
     def score(self, key: int, units: list[Unit]) -> BatchOutput:
-        scores, computed, real, seconds = self._call("score", key, units)
-        return BatchOutput(torch.from_numpy(scores), computed, real, seconds)
+        scores, computed, real, seconds, saved = self._call("score", key, units)
+        return BatchOutput(torch.from_numpy(scores), computed, real, seconds, saved)
 
     def _call(self, op: str, key: int, payload):
         link = self._link

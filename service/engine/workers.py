@@ -279,7 +279,9 @@ class ModelWorkers:
         m.padding_fraction.labels(name).observe(1 - out.real / max(out.computed, 1))
         m.tokens.labels(name).inc(out.real)
         m.items.labels(name).inc(len(batch))
-        rate = out.real / max(elapsed, 1e-6)
+        if out.saved:
+            m.prefix_saved_tokens.labels(name).inc(out.saved)
+        rate = (out.real + out.saved) / max(elapsed, 1e-6)  # tokens served: what `due` and Retry-After count
         self.tokens_per_second = rate if self.tokens_per_second == 0 else 0.8 * self.tokens_per_second + 0.2 * rate
 
     async def close(self) -> None:

@@ -34,6 +34,7 @@ class BatchOutput:
     computed_positions: int  # positions the device computed, padding included
     real_tokens: int
     seconds: float | None = None  # the device's own time on the batch, where the backend measured it apart
+    saved_tokens: int = 0  # tokens not computed because separate items' shared beginnings ran once
 
 
 def plan_padded(lengths: list[int], max_tokens: int) -> list[list[int]]:

@@ -27,7 +27,7 @@ from rewardserve.kernels.rmsnorm import rmsnorm_cpu, rmsnorm_triton
 from rewardserve.kernels.rope import rope_cpu, rope_tables, rope_triton
 from rewardserve.kernels.swiglu import silu_mul_, swiglu_triton
 from rewardserve.models.attention import packed_causal_attention, pooled_causal_attention
-from rewardserve.models.units import Unit
+from rewardserve.models.units import Unit, share_across
 
 FAMILIES = ("llama", "qwen2", "qwen3", "mistral")
 # "dynamic" (NTK) rescales the frequencies only for a sequence longer than max_position_embeddings,
@@ -274,12 +274,17 @@ class PackedBatch:
     last_idx: torch.Tensor  # (B,) packed index of each scored row's pooled token
     device: torch.device
     attention_plan: list | None = None  # built by the attention on first use, shared by every layer
+    saved_tokens: int = 0  # tokens not computed because lone units' shared beginnings ran once
 
     @classmethod
-    def build(cls, units: list[Unit], device) -> "PackedBatch":
+    def build(cls, units: list[Unit], device, share_min: int | None = None) -> "PackedBatch":
+        """With `share_min`, lone units whose first `share_min` or more tokens agree (see
+        `share_across`) become one prefix segment and their responses; the rows still come out in
+        the units' order."""
         ids: list[int] = []
         positions: list[torch.Tensor] = []
-        cu, parents, last = [0], [], []
+        cu, parents = [0], []
+        last: list[list[int]] = [[] for _ in units]  # per unit, its pooled rows' packed indices
 
         def segment(tokens: list[int], start_pos: int, parent: int) -> int:
             ids.extend(tokens)
@@ -288,13 +293,23 @@ class PackedBatch:
             parents.append(parent)
             return len(parents) - 1
 
-        for u in units:
+        runs = share_across(units, share_min) if share_min else []
+        in_run = {i for _, members in runs for i in members}
+        for shared, members in runs:
+            parent = segment(units[members[0]].suffixes[0][:shared], 0, -1)
+            for i in members:
+                seg = segment(units[i].suffixes[0][shared:], shared, parent)
+                last[i] = [cu[seg] + q - shared for q in units[i].pools[0]]
+        for i, u in enumerate(units):
+            if i in in_run:
+                continue
             parent = segment(u.prefix, 0, -1) if u.prefix else -1
             for suffix, pools in zip(u.suffixes, u.pools):
                 seg = segment(suffix, len(u.prefix), parent)
-                last.extend(cu[seg] + q for q in pools)
+                last[i].extend(cu[seg] + q for q in pools)
         return cls(torch.tensor(ids, dtype=torch.long, device=device), torch.cat(positions).to(device), cu,
-                   parents, torch.tensor(last, dtype=torch.long, device=device), torch.device(device))
+                   parents, torch.tensor([r for rows in last for r in rows], dtype=torch.long, device=device),
+                   torch.device(device), saved_tokens=sum((len(m) - 1) * shared for shared, m in runs))
 
 
 class PackedRewardModel(nn.Module):

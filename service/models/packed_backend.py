@@ -24,16 +24,23 @@ def rotary_parameters(hf_config) -> tuple[torch.Tensor, float]:
 class PackedBackend:
     kind = "packed"
     shares_prefix = True  # a unit's prefix and suffixes become tree-shaped packed segments
+    # Lone items of one batch that begin with this many equal tokens or more (a chat template's
+    # opening, a GRPO group's prompt sent as separate requests) share one prefix segment.
+    share_across_min = 4
 
     def __init__(self, model: PackedRewardModel, device: torch.device):
         self.model = model
         self.device = device
         self.vocab_size = model.cfg.vocab_size
         self.attention = model.ops.attention_name  # varlen_attn, C++ kernel or SDPA
+        # Only where a response after a shared prefix gets the same bits as its whole sequence (the
+        # C++ kernel's key blocks sit at fixed positions): an item's score must not depend on whether
+        # a batch mate happened to begin like it.
+        self.share_across = model.ops.attention_kernel is not None
 
     @torch.inference_mode()
     def score(self, batch: list[Unit]) -> BatchOutput:
-        packed = PackedBatch.build(batch, self.device)
+        packed = PackedBatch.build(batch, self.device, self.share_across_min if self.share_across else None)
         scores = self.model(packed).float().cpu()  # (rows, K)
         tokens = packed.cu_seqlens[-1]
-        return BatchOutput(scores, tokens, tokens)
+        return BatchOutput(scores, tokens, tokens, saved_tokens=packed.saved_tokens)

@@ -5,6 +5,9 @@ it, each continuing the prefix's positions. Each suffix names the positions (wit
 head outputs the scorer reads; every such position is one output row. A lone sequence pooled at
 its last token is `Unit.single(ids, (len(ids) - 1,))`; a best-of-N group is one prefix and N suffixes.
 A backend returns the rows of its units in order: unit by unit, suffix by suffix, position by position.
+
+`share_across` finds lone units of one batch (separate requests) whose tokens begin alike: the
+packed backend computes such a run once, as a prefix segment of its own (see PackedBatch.build).
 """
 
 from __future__ import annotations
@@ -48,3 +51,48 @@ class Unit:
 def lone(seqs: list[list[int]], pad_token_id: int | None) -> list[Unit]:
     """Each sequence a unit of its own, pooled where HF's sequence classifier pools it."""
     return [Unit.single(s, (last_token_index(s, pad_token_id),)) for s in seqs]
+
+
+def share_across(units: list[Unit], min_tokens: int) -> list[tuple[int, list[int]]]:
+    """Runs of lone units (no prefix, one suffix) that begin with the same tokens: (length of the
+    shared run, indices of the units), each run at least `min_tokens` long and leaving every member
+    its pooled positions and at least one token of its own; chosen to save the most tokens.
+
+    Sorted, units that share a beginning sit next to each other, and a run is a stretch of that
+    order sharing the least common prefix of its neighbours. A stretch either runs as one (saving
+    (members - 1) x shared tokens) or splits where that least prefix falls, its parts deciding the
+    same way: whichever saves more (the whole stretch on a tie: fewer segments)."""
+    order = sorted((i for i, u in enumerate(units) if not u.prefix and len(u.suffixes) == 1),
+                   key=lambda i: units[i].suffixes[0])
+    common = []  # common[j]: tokens order[j] and order[j + 1] share, short of either's first pooled position
+    for i, k in zip(order, order[1:]):
+        a, b, n, limit = units[i].suffixes[0], units[k].suffixes[0], 0, min(min(units[i].pools[0]),
+                                                                            min(units[k].pools[0]))
+        while n < limit and a[n] == b[n]:
+            n += 1
+        common.append(n)
+
+    def parts(lo: int, hi: int) -> tuple[int, list[tuple[int, int]]]:
+        """The stretch order[lo..hi]'s least shared length and the stretches it splits into."""
+        least = min(common[lo:hi])
+        cuts = [j for j in range(lo, hi) if common[j] == least]
+        return least, list(zip([lo] + [j + 1 for j in cuts], cuts + [hi]))
+
+    best: dict[tuple[int, int], tuple[int, list[tuple[int, int, int]]]] = {}  # stretch -> (saving, runs)
+    stack = [(0, len(order) - 1, False)] if len(order) > 1 else []
+    while stack:  # depth-first, parts before their stretch (a loop: nesting can be as deep as the batch)
+        lo, hi, parts_done = stack.pop()
+        if lo == hi:
+            best[lo, hi] = (0, [])
+            continue
+        least, subs = parts(lo, hi)
+        if not parts_done:
+            stack.append((lo, hi, True))
+            stack.extend((a, b, False) for a, b in subs)
+            continue
+        saving = sum(best[sub][0] for sub in subs)
+        whole = (hi - lo) * least if least >= min_tokens else 0
+        best[lo, hi] = (whole, [(least, lo, hi)]) if whole and whole >= saving else \
+            (saving, [run for sub in subs for run in best.pop(sub)[1]])
+    runs = best[0, len(order) - 1][1] if best else []
+    return [(shared, order[lo: hi + 1]) for shared, lo, hi in runs]

@@ -108,7 +108,8 @@ class Metrics:
             ["model"], registry=r,
         )
         self.prefix_saved_tokens = Counter(
-            "rewardserve_prefix_saved_tokens", "Tokens not computed because a group's shared prompt ran once.",
+            "rewardserve_prefix_saved_tokens", "Tokens not computed because a shared beginning ran once: a group's "
+            "prompt, or the opening that items of one batch have in common.",
             ["model"], registry=r,
         )
         self.prefix_fallback = Counter(

@@ -1,6 +1,7 @@
 """Batch invariance on the packed CPU path: an item's score is bit-identical whatever its batch
 mates, its position in the batch, the batch's size and the number of threads (verl's deterministic
-mode turns batching off for want of exactly this)."""
+mode turns batching off for want of exactly this), and whether or not batch mates that begin like
+it made its beginning a shared prefix segment."""
 
 from __future__ import annotations
 
@@ -28,9 +29,12 @@ def _items(loaded, n: int, seed: int) -> list[Unit]:
     rng = random.Random(seed)
     vocab = [t for t in range(loaded.encoder.vocab_size) if t != loaded.pad_token_id]
     items = []
+    openings = [[rng.choice(vocab) for _ in range(n)] for n in (5, 40)]  # as a chat template's, a shared prompt's
     for i in range(n):
         ids = [rng.choice(vocab) for _ in range(rng.choice([1, 2, 7, 63, 64, 65, 200, MAX_POSITIONS - 1])
                                                    if i % 3 else rng.randint(1, MAX_POSITIONS - 1))]
+        if i % 4:  # most items begin like others: batches share those beginnings across items
+            ids = (openings[i % 2] + ids)[:MAX_POSITIONS - 1]
         # every third item reads several positions, as a process reward model's steps do
         pools = tuple(sorted({rng.randrange(len(ids)) for _ in range(3)} | {len(ids) - 1})) if i % 3 == 1 else \
             (len(ids) - 1,)
@@ -59,7 +63,10 @@ def test_scores_do_not_depend_on_batch_mates_position_size_or_threads(tiny_ckpt,
         batch = [items[i] for i in picks]
         if trial == 0:
             assert sum(u.tokens for u in batch) > Ops.cpu_chunk_tokens
-        out = backend.score(batch).scores
+        scored = backend.score(batch)
+        out = scored.scores
+        if trial == 0:  # items' shared beginnings ran once
+            assert scored.saved_tokens > 0
         row = 0
         for i in picks:
             got = out[row: row + items[i].rows]
