@@ -16,7 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from rewardserve.bench.proc import free_port
 from rewardserve.config import DEFAULT_JUDGE_DIR, DEFAULT_JUDGE_NAME, DEFAULT_MODEL_DIR, DEFAULT_MODEL_NAME
-from tests.conftest import attention_kernel_builds
+from tests.conftest import KERNEL_TOOL, attention_kernel_builds, require_tool
 
 EVAL = json.loads((DEFAULT_MODEL_DIR / "eval.json").read_text())
 JUDGE_EVAL = json.loads((DEFAULT_JUDGE_DIR / "eval.json").read_text())
@@ -138,5 +138,21 @@ def test_best_of_n_on_the_embedded_model_equals_independent_scoring(default_serv
                                                               "cache": False}, timeout=60).json()["rewards"][0]
              for c in candidates]
     assert max(abs(a - b) for a, b in zip(body["rewards"], alone)) <= 1e-4
+    if attention_kernel_builds():  # the C++ kernel: bit for bit (JSON floats round-trip exactly)
+        assert body["rewards"] == alone
     if len(candidates) > 1:
         assert _saved_tokens(default_server) > before
+
+
+def test_separate_items_that_begin_alike_share_their_beginning_and_score_as_alone(default_server):
+    """Items of one request with different prompts are no group, but they open with the same chat
+    template tokens: with the C++ kernel those run once, and each reward is bit for bit its own
+    request's (JSON floats round-trip exactly)."""
+    require_tool(attention_kernel_builds(), KERNEL_TOOL)
+    items = [{"prompt": f"What is {a} + {a + 3}?", "response": f"The answer is {2 * a + 3}."} for a in (11, 12, 907)]
+    before = _saved_tokens(default_server)
+    together = httpx.post(default_server + "/v1/score", json={"items": items, "cache": False}, timeout=60).json()
+    assert _saved_tokens(default_server) >= before + 2 * 4  # three items, one shared beginning of 4+ tokens
+    alone = [httpx.post(default_server + "/v1/score", json={"items": [it], "cache": False}, timeout=60).json()
+             ["rewards"][0] for it in items]
+    assert together["rewards"] == alone
