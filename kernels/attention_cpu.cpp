@@ -331,8 +331,9 @@ struct Buf {
 // Scratch of one thread, for up to `rows` stacked query rows, rp = rows rounded up to whole vectors:
 // the output accumulator transposed (D x rp), one block of scores transposed (BK x rp), per row the
 // running max and sum and the block's visible keys; and, by path, the query block transposed (D x rp)
-// with the block's keys and values widened to fp32 when they are bf16 (BK x D each), or (bf16 pairs)
-// Q^T, P^T and V with their pairs along D, keys and keys; with AVX-512, a key block transposed (D x BK).
+// with the block's keys and values as fp32 rows when they are bf16 or straddle a prompt's end (BK x D
+// each), or (bf16 pairs) Q^T, P^T and V with their pairs along D, keys and keys; with AVX-512, a key
+// block transposed (D x BK).
 struct Scratch {
   Buf<float> ot, st, max, sum, qt, kb, vb, kt;
   Buf<int32_t> lo, hi;
@@ -351,7 +352,12 @@ struct Scratch {
       return;
     }
     qt.resize(a.d * rp);
-    kb.resize(BK * a.d);  // a block's keys and values as fp32 rows, when they are bf16 or straddle a prompt's end
+    if (a.bf16) widen(a);
+  }
+  // A block's keys and values as fp32 rows: always for bf16 widened, else on the first block that
+  // straddles a prompt's end (allocated then: most calls never need them).
+  void widen(const Args& a) {
+    kb.resize(BK * a.d);
     vb.resize(BK * a.d);
   }
 };
@@ -443,6 +449,7 @@ void run_item(const Args& a, const Item& w, Scratch& t) {
           t.vp2[c / 2 * d + j] = v0[j] | (v1 ? static_cast<uint32_t>(v1[j]) << 16 : 0u);
       }
     } else {
+      if (t.vb.empty() && np > 0 && np < nk) t.widen(a);
       if (!blocks16)
         kp = rows_f32(a.k, a.bf16, a.ldk, r, np, r2, from, nk, w.head * d, d, t.kb.data(), ldk);
       vp = rows_f32(a.v, a.bf16, a.ldv, r, np, r2, from, nk, w.head * d, d, t.vb.data(), ldv);
