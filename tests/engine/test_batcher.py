@@ -241,6 +241,12 @@ class _Recorder:
         return self.inner.score(batch)
 
 
+def _distinct(first: int, n: int) -> list[list[int]]:
+    """n items of 120 tokens that begin with `first` and share nothing after it (items that begin alike
+    would share their beginnings, and a batch of them compute far fewer tokens than it holds)."""
+    return [[first] + [10 + i] * 119 for i in range(n)]
+
+
 def _bulk_then_interactive(loaded, max_step_ms: float):
     """60 bulk items of 120 tokens queue behind a busy device; an interactive item arrives while the
     first bulk batch runs. -> the recorded batches, and the index of the batch the interactive item rode in."""
@@ -250,10 +256,10 @@ def _bulk_then_interactive(loaded, max_step_ms: float):
         pool = recorder.pool = _pool([recorder], metrics)
         batcher = Batcher(_budgets(max_step_ms=max_step_ms, max_wait_ms=0), pool, metrics, "m")
         batcher.start()
-        await asyncio.gather(*_futures(batcher.submit(lone([[3] * 120] * 4, None), Lane.bulk, Ticket())))  # a rate
+        await asyncio.gather(*_futures(batcher.submit(lone(_distinct(3, 4), None), Lane.bulk, Ticket())))  # a rate
         recorder.batches.clear()
         held = await pool.acquire()
-        bulk = _futures(batcher.submit(lone([[5] * 120] * 60, None), Lane.bulk, Ticket()))
+        bulk = _futures(batcher.submit(lone(_distinct(5, 60), None), Lane.bulk, Ticket()))
         pool.release(held)
         while not recorder.batches:
             await asyncio.sleep(0.001)
