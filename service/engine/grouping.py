@@ -7,20 +7,10 @@ merge at the prompt/response boundary did. A unit holds as many members as fit t
 
 from __future__ import annotations
 
-from rewardserve.models.units import Unit
+from rewardserve.models.units import Unit, common_prefix
 
 # Below this many shared tokens a group is not worth a prefix segment of its own.
 MIN_SHARED_PREFIX = 8
-
-
-def common_prefix(seqs: list[list[int]]) -> int:
-    """Length of the longest common prefix, leaving every sequence at least its last token."""
-    n = min(len(s) for s in seqs) - 1
-    p = 0
-    first = seqs[0]
-    while p < n and all(s[p] == first[p] for s in seqs):
-        p += 1
-    return p
 
 
 def share_prefix(seqs: list[list[int]], pools: list[tuple[int, ...]],

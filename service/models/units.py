@@ -53,6 +53,18 @@ def lone(seqs: list[list[int]], pad_token_id: int | None) -> list[Unit]:
     return [Unit.single(s, (last_token_index(s, pad_token_id),)) for s in seqs]
 
 
+def common_prefix(seqs: list[list[int]]) -> int:
+    """Length of the longest common prefix, leaving every sequence at least its last token."""
+    n = min(len(s) for s in seqs) - 1
+    first = seqs[0]
+    for s in seqs[1:]:  # each against the first, over what the ones before left shared
+        p = 0
+        while p < n and s[p] == first[p]:
+            p += 1
+        n = p
+    return max(n, 0)
+
+
 def share_across(units: list[Unit], min_tokens: int) -> list[tuple[int, list[int]]]:
     """Runs of lone units (no prefix, one suffix) that begin with the same tokens: (length of the
     shared run, indices of the units), each run at least `min_tokens` long and leaving every member
@@ -64,32 +76,24 @@ def share_across(units: list[Unit], min_tokens: int) -> list[tuple[int, list[int
     same way: whichever saves more (the whole stretch on a tie: fewer segments)."""
     order = sorted((i for i, u in enumerate(units) if not u.prefix and len(u.suffixes) == 1),
                    key=lambda i: units[i].suffixes[0])
-    common = []  # common[j]: tokens order[j] and order[j + 1] share, short of either's first pooled position
-    for i, k in zip(order, order[1:]):
-        a, b, n, limit = units[i].suffixes[0], units[k].suffixes[0], 0, min(min(units[i].pools[0]),
-                                                                            min(units[k].pools[0]))
-        while n < limit and a[n] == b[n]:
-            n += 1
-        common.append(n)
-
-    def parts(lo: int, hi: int) -> tuple[int, list[tuple[int, int]]]:
-        """The stretch order[lo..hi]'s least shared length and the stretches it splits into."""
-        least = min(common[lo:hi])
-        cuts = [j for j in range(lo, hi) if common[j] == least]
-        return least, list(zip([lo] + [j + 1 for j in cuts], cuts + [hi]))
-
+    # common[j]: tokens order[j] and order[j + 1] share, short of either's first pooled position
+    common = [min(common_prefix([units[i].suffixes[0], units[k].suffixes[0]]), *units[i].pools[0],
+                  *units[k].pools[0]) for i, k in zip(order, order[1:])]
     best: dict[tuple[int, int], tuple[int, list[tuple[int, int, int]]]] = {}  # stretch -> (saving, runs)
-    stack = [(0, len(order) - 1, False)] if len(order) > 1 else []
+    stack: list[tuple[int, int, tuple | None]] = [(0, len(order) - 1, None)] if len(order) > 1 else []
     while stack:  # depth-first, parts before their stretch (a loop: nesting can be as deep as the batch)
-        lo, hi, parts_done = stack.pop()
+        lo, hi, split = stack.pop()
         if lo == hi:
             best[lo, hi] = (0, [])
             continue
-        least, subs = parts(lo, hi)
-        if not parts_done:
-            stack.append((lo, hi, True))
-            stack.extend((a, b, False) for a, b in subs)
+        if split is None:  # the stretch's least shared length, and the stretches it splits into
+            least = min(common[lo:hi])
+            cuts = [j for j in range(lo, hi) if common[j] == least]
+            subs = list(zip([lo] + [j + 1 for j in cuts], cuts + [hi]))
+            stack.append((lo, hi, (least, subs)))
+            stack.extend((a, b, None) for a, b in subs)
             continue
+        least, subs = split
         saving = sum(best[sub][0] for sub in subs)
         whole = (hi - lo) * least if least >= min_tokens else 0
         best[lo, hi] = (whole, [(least, lo, hi)]) if whole and whole >= saving else \
